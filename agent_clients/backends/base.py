@@ -1,0 +1,133 @@
+"""The interface every agent backend implements (Docker, Kubernetes, ...).
+
+Modelled on JupyterHub spawners: a small set of blocking, idempotent methods that the
+runtime calls from a thread pool, each raising :class:`BackendError` whose
+``retryable`` flag says whether trying again can help.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class BackendError(Exception):
+    """A backend operation failed.
+
+    ``message`` is for the user (it ends up in the session's error_message);
+    ``detail`` is for the log only. ``retryable`` is False when repeating the same
+    call cannot succeed (bad image name, absurd limits, capacity exhausted).
+    """
+
+    def __init__(self, message: str, *, retryable: bool, detail: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.detail = detail or message
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What a create_session command asks for, parsed from its payload."""
+
+    session_id: str
+    owner: str
+    image: str
+    vnc_port: int = 5901
+    cpu: float = 1.0  # cores
+    memory_mb: int = 1024
+    env: dict[str, str] = field(default_factory=dict)
+    home_path: str = "/home/user"
+    keep_home: bool = False
+    vnc_password: str = ""
+    template: str = ""
+
+    @classmethod
+    def from_payload(cls, session_id: str, payload: dict[str, Any]) -> SessionSpec:
+        try:
+            template = payload.get("template") or {}
+            return cls(
+                session_id=str(session_id),
+                owner=str(payload.get("owner", "")),
+                image=str(template["image"]),
+                vnc_port=int(template.get("vnc_port", 5901)),
+                cpu=float(payload.get("cpu", 1.0)),
+                memory_mb=int(payload.get("memory_mb", 1024)),
+                env={str(k): str(v) for k, v in (template.get("env") or {}).items()},
+                home_path=str(template.get("volume_mount_path") or "/home/user"),
+                keep_home=bool(payload.get("keep_home", False)),
+                vnc_password=str(payload.get("vnc_password", "")),
+                template=str(template.get("slug", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendError(f"invalid create_session payload: {exc}", retryable=False) from None
+
+
+@dataclass(frozen=True)
+class SessionStatus:
+    """What a backend reports about one session it holds.
+
+    ``state`` is one of protocol.REPORTED_STATES: running, starting, hibernated,
+    stopped, failed, missing.
+    """
+
+    session_id: str
+    state: str
+    detail: str = ""
+    vnc_host: str | None = None
+    vnc_port: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backend(abc.ABC):
+    """One compute platform. Methods block; the runtime runs them off the event loop."""
+
+    platform: str = ""
+
+    @abc.abstractmethod
+    def create(self, spec: SessionSpec) -> SessionStatus:
+        """Create and start the session; return only when it runs. Repeating finds it."""
+
+    @abc.abstractmethod
+    def terminate(self, session_id: str, *, keep_home: bool = False) -> None:
+        """Remove everything the session has (home too unless keep_home). Gone counts as done."""
+
+    @abc.abstractmethod
+    def hibernate(self, session_id: str) -> SessionStatus:
+        """Stop the session's processes, keep its home. Already stopped counts as done."""
+
+    @abc.abstractmethod
+    def wake(self, session_id: str) -> SessionStatus:
+        """Start a hibernated session again and return its (maybe new) VNC endpoint."""
+
+    @abc.abstractmethod
+    def status(self, session_id: str) -> SessionStatus:
+        """The session's current state; state 'missing' if the platform has no trace of it."""
+
+    @abc.abstractmethod
+    def list_sessions(self) -> list[SessionStatus]:
+        """Every session this agent holds on the platform (the platform is the source of truth)."""
+
+    @abc.abstractmethod
+    def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
+        """Host and port a TCP connection reaches the session's VNC server on."""
+
+    def capacity(self) -> dict[str, Any]:
+        """What the agent reports as its capacity: cpu (cores), memory_mb, max_sessions."""
+        return {}
+
+    async def open_vnc_stream(self, session_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An asyncio stream to the session's VNC server. Backends whose VNC is not a plain
+        TCP endpoint (a Kubernetes port-forward) override this."""
+        host, port = await asyncio.to_thread(self.vnc_endpoint, session_id)
+        try:
+            return await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise BackendError(f"VNC server unreachable: {exc}", retryable=True) from None
+
+    def close(self) -> None:
+        """Release clients and pools."""
