@@ -131,3 +131,10 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release clients and pools."""
+
+
+# Backends are built with ``BackendClass.from_config(config)`` where config is an
+# ``agent_clients.config.AgentConfig``; leadership backends likewise. A backend may
+# also implement ``watch(emit, stop)``: a blocking loop (run in a thread) that calls
+# ``emit(SessionStatus)`` when a session changes by itself (a container died), and
+# returns when the ``threading.Event`` ``stop`` is set.

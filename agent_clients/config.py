@@ -1,0 +1,146 @@
+"""Agent configuration from CLI flags and the environment (flags win).
+
+One place for every agent setting; backends and leadership read theirs from here.
+A junk value ends the process with one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+
+BACKENDS = {
+    "docker": "agent_clients.docker_backend:DockerBackend",
+    "kubernetes": "agent_clients.k8s_backend:KubernetesBackend",
+}
+LEADERSHIPS = {
+    "none": "agent_clients.leadership:AlwaysLeader",
+    "file": "agent_clients.ha:FileLeadership",
+    "redis": "agent_clients.ha:RedisLeadership",
+    "lease": "agent_clients.k8s_leader:LeaseLeadership",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    agent_id: str
+    control_plane_url: str  # ws(s):// or http(s):// base of the control plane
+    token: str
+    backend: str = "docker"  # a key of BACKENDS or "package.module:Class"
+    region: str = ""
+    heartbeat_interval: float = 10.0
+    reconnect_cap: float = 10.0  # seconds: the ceiling of the reconnect backoff
+    max_sessions: int = 10
+    drain_timeout: float = 60.0
+    ha_backend: str = "none"  # a key of LEADERSHIPS
+    ha_lock_path: str = "/var/lock/streamspace-agent-leader.lock"
+    ha_redis_url: str = "redis://127.0.0.1:6379/0"
+    ha_lock_name: str = ""  # defaults to the agent id: replicas of one agent share it
+    ha_lease_duration: float = 15.0
+    ha_renew_deadline: float = 10.0
+    ha_retry_period: float = 2.0
+    namespace: str = "streamspace"
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def lock_name(self) -> str:
+        return self.ha_lock_name or f"streamspace-agent-{self.agent_id}"
+
+    @property
+    def connect_url(self) -> str:
+        base = self.control_plane_url.rstrip("/")
+        for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+            if base.startswith(http):
+                base = ws + base[len(http) :]
+        return f"{base}/api/v1/agent/connect?agent_id={self.agent_id}"
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw.rstrip("s"))
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+# flag name -> (environment variable, parser or None for strings)
+_SETTINGS = {
+    "agent_id": ("AGENT_ID", None),
+    "control_plane_url": ("CONTROL_PLANE_URL", None),
+    "token": ("AGENT_TOKEN", None),
+    "backend": ("AGENT_BACKEND", None),
+    "region": ("REGION", None),
+    "heartbeat_interval": ("HEARTBEAT_INTERVAL", _positive_float),
+    "reconnect_cap": ("RECONNECT_CAP", _positive_float),
+    "max_sessions": ("MAX_SESSIONS", _positive_int),
+    "drain_timeout": ("DRAIN_TIMEOUT", _positive_float),
+    "ha_backend": ("HA_BACKEND", None),
+    "ha_lock_path": ("HA_LOCK_PATH", None),
+    "ha_redis_url": ("HA_REDIS_URL", None),
+    "ha_lock_name": ("HA_LOCK_NAME", None),
+    "ha_lease_duration": ("HA_LEASE_DURATION", _positive_float),
+    "ha_renew_deadline": ("HA_RENEW_DEADLINE", _positive_float),
+    "ha_retry_period": ("HA_RETRY_PERIOD", _positive_float),
+    "namespace": ("NAMESPACE", None),
+}
+
+
+def parse_config(argv: list[str] | None = None, *, default_backend: str | None = None) -> AgentConfig:
+    """Read flags (``--agent-id``, ``--heartbeat-interval`` ...) then the environment."""
+    parser = argparse.ArgumentParser(prog="streamspace-agent", description="StreamSpace agent")
+    for name, (env, _) in _SETTINGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"(env {env})")
+    args = parser.parse_args(argv)
+    values: dict[str, object] = {}
+    for name, (env, parse) in _SETTINGS.items():
+        raw = getattr(args, name)
+        if raw is None:
+            raw = os.environ.get(env)
+        if raw is None or raw == "":
+            continue
+        values[name] = parse(env, raw) if parse else raw
+    if default_backend and "backend" not in values:
+        values["backend"] = default_backend
+    for required in ("agent_id", "control_plane_url", "token"):
+        if not values.get(required):
+            raise ConfigError(f"{_SETTINGS[required][0]} is required (or --{required.replace('_', '-')})")
+    url = str(values["control_plane_url"])
+    if not url.startswith(("ws://", "wss://", "http://", "https://")):
+        raise ConfigError(f"CONTROL_PLANE_URL must start with ws://, wss://, http:// or https://, got {url!r}")
+    if values.get("ha_backend", "none") not in LEADERSHIPS:
+        raise ConfigError(f"HA_BACKEND must be one of {', '.join(LEADERSHIPS)}")
+    cfg = AgentConfig(**values)  # type: ignore[arg-type]
+    if cfg.ha_renew_deadline >= cfg.ha_lease_duration:
+        raise ConfigError("HA_RENEW_DEADLINE must be shorter than HA_LEASE_DURATION")
+    return cfg
+
+
+def import_dotted(path: str) -> type:
+    """Import ``package.module:Name``."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    if not name:
+        raise ConfigError(f"expected 'package.module:Class', got {path!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {path}: {exc}") from None
