@@ -198,9 +198,7 @@ def unpack_data(frame: bytes) -> tuple[int, bytes]:
     if len(frame) < BINARY_HEADER_SIZE:
         raise ProtocolError("binary frame shorter than its header")
     if len(frame) - BINARY_HEADER_SIZE > MAX_BINARY_PAYLOAD:
-        raise ProtocolError(
-            f"binary frame of {len(frame)} bytes exceeds {MAX_BINARY_PAYLOAD}", too_large=True
-        )
+        raise ProtocolError(f"binary frame of {len(frame)} bytes exceeds {MAX_BINARY_PAYLOAD}", too_large=True)
     version, tunnel_id = _HEADER.unpack_from(frame)
     if version != BINARY_VERSION:
         raise ProtocolError(f"unknown binary frame version {version}")

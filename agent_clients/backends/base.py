@@ -129,7 +129,7 @@ class Backend(abc.ABC):
         except OSError as exc:
             raise BackendError(f"VNC server unreachable: {exc}", retryable=True) from None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, empty by default)
         """Release clients and pools."""
 
 

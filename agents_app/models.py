@@ -1,0 +1,99 @@
+import uuid
+
+from django.db import models
+
+
+class Agent(models.Model):
+    class Platform(models.TextChoices):
+        KUBERNETES = "kubernetes"
+        DOCKER = "docker"
+        VM = "vm"
+        CLOUD = "cloud"
+
+    class Status(models.TextChoices):
+        ONLINE = "online"
+        OFFLINE = "offline"
+        DRAINING = "draining"
+        ERROR = "error"
+
+    agent_id = models.CharField(max_length=255, unique=True)
+    platform = models.CharField(max_length=20, choices=Platform.choices)
+    region = models.CharField(max_length=100, blank=True, default="")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.OFFLINE, db_index=True)
+    capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 4, "memory_mb": 8192, "max_sessions": 10}
+    metadata = models.JSONField(default=dict, blank=True)
+    version = models.CharField(max_length=50, blank=True, default="")
+    channel_name = models.CharField(max_length=255, blank=True, default="")
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    token_hash = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["agent_id"]
+
+    def __str__(self) -> str:
+        return self.agent_id
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self.channel_name)
+
+
+def _command_id() -> str:
+    return uuid.uuid4().hex
+
+
+class AgentCommand(models.Model):
+    """The durable command queue: a command is written here first, then delivered."""
+
+    class Type(models.TextChoices):
+        CREATE_SESSION = "create_session"
+        TERMINATE_SESSION = "terminate_session"
+        HIBERNATE_SESSION = "hibernate_session"
+        WAKE_SESSION = "wake_session"
+        LIST_SESSIONS = "list_sessions"
+        GET_SESSION = "get_session"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        ACKED = "acked"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        TIMED_OUT = "timed_out"
+
+    UNFINISHED = (Status.PENDING, Status.SENT, Status.ACKED)
+
+    command_id = models.CharField(max_length=64, unique=True, default=_command_id)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="commands")
+    session = models.ForeignKey(
+        "sessions_app.Session", on_delete=models.CASCADE, null=True, blank=True, related_name="commands"
+    )
+    type = models.CharField(max_length=30, choices=Type.choices)
+    payload = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    result = models.JSONField(null=True, blank=True)
+    error_message = models.TextField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    acked_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField()
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["agent", "status", "created_at"]), models.Index(fields=["status", "sent_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.command_id}"
+
+    def as_message(self) -> dict:
+        """The ``command`` payload sent to the agent."""
+        return {
+            "command_id": self.command_id,
+            "type": self.type,
+            "session_id": str(self.session_id) if self.session_id else None,
+            "payload": self.payload,
+        }

@@ -1,0 +1,100 @@
+import uuid
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import models
+from django.db.models import Q
+
+from sessions_app.states import State
+
+
+class Template(models.Model):
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True, default="")
+    image = models.CharField(max_length=255)
+    vnc_port = models.PositiveIntegerField(default=5901)
+    default_cpu = models.FloatField(default=1.0)
+    default_memory_mb = models.PositiveIntegerField(default=1024)
+    env = models.JSONField(default=dict, blank=True)
+    volume_mount_path = models.CharField(max_length=255, default="/home/user")
+    enabled = models.BooleanField(default=True)
+    platform = models.CharField(max_length=20, blank=True, default="", help_text="Only agents of this platform")
+    region = models.CharField(max_length=100, blank=True, default="", help_text="Only agents in this region")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def as_payload(self) -> dict:
+        return {
+            "slug": self.slug,
+            "image": self.image,
+            "vnc_port": self.vnc_port,
+            "env": self.env,
+            "volume_mount_path": self.volume_mount_path,
+        }
+
+
+class Session(models.Model):
+    STATE_CHOICES = [(s, s.capitalize()) for s in State.ALL]
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="desktop_sessions")
+    template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="sessions")
+    agent = models.ForeignKey(
+        "agents_app.Agent", on_delete=models.SET_NULL, null=True, blank=True, related_name="sessions"
+    )
+    platform = models.CharField(max_length=20, blank=True, default="")
+    region = models.CharField(max_length=100, blank=True, default="")
+    cluster_id = models.CharField(max_length=255, blank=True, default="")
+    tags = models.JSONField(default=list, blank=True)
+    state = models.CharField(max_length=20, choices=STATE_CHOICES, default=State.PENDING, db_index=True)
+    cpu = models.FloatField()
+    memory_mb = models.PositiveIntegerField()
+    keep_home = models.BooleanField(default=False)
+    vnc_password = models.CharField(max_length=64, blank=True, default="")
+    vnc_host = models.CharField(max_length=255, blank=True, default="")
+    vnc_port = models.PositiveIntegerField(null=True, blank=True)
+    error_message = models.TextField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    state_changed_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_activity = models.DateTimeField(null=True, blank=True)
+    terminated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["owner", "state"]), models.Index(fields=["agent", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.template_id}:{self.id}"
+
+
+class Quota(models.Model):
+    """Limits for one user or one group (exactly one of the two)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True, related_name="quota"
+    )
+    group = models.OneToOneField(Group, on_delete=models.CASCADE, null=True, blank=True, related_name="quota")
+    max_sessions = models.PositiveIntegerField(default=5)
+    max_cpu = models.FloatField(default=8.0)
+    max_memory_mb = models.PositiveIntegerField(default=16384)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(user__isnull=False) & Q(group__isnull=True))
+                | (Q(user__isnull=True) & Q(group__isnull=False)),
+                name="quota_user_xor_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"quota for {self.user or self.group}"

@@ -1,0 +1,310 @@
+"""Every write to sessions goes through these functions, each in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from agents_app.commands import command_enqueue
+from agents_app.models import AgentCommand
+from agents_app.selectors import agent_select_for_session
+from sessions_app.models import Quota, Session, Template
+from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
+from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
+
+log = logging.getLogger(__name__)
+
+MAX_TAGS = 20
+MAX_TAG_LENGTH = 64
+MIN_MEMORY_MB = 64
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def validate_cpu(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput("cpu must be a number of cores", field="cpu")
+    if not 0 < value <= settings.SESSION_MAX_CPU:
+        raise InvalidInput(f"cpu must be above 0 and at most {settings.SESSION_MAX_CPU:g}", field="cpu")
+    return float(value)
+
+
+def validate_memory(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput("memory_mb must be a whole number of megabytes", field="memory_mb")
+    if not MIN_MEMORY_MB <= value <= settings.SESSION_MAX_MEMORY_MB:
+        raise InvalidInput(
+            f"memory_mb must be between {MIN_MEMORY_MB} and {settings.SESSION_MAX_MEMORY_MB}", field="memory_mb"
+        )
+    return value
+
+
+def validate_tags(value) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise InvalidInput("tags must be a list of strings", field="tags")
+    if len(value) > MAX_TAGS:
+        raise InvalidInput(f"at most {MAX_TAGS} tags", field="tags")
+    for tag in value:
+        if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
+            raise InvalidInput(f"each tag must be 1 to {MAX_TAG_LENGTH} characters", field="tags")
+    return list(dict.fromkeys(t.strip() for t in value))
+
+
+# --- quotas -----------------------------------------------------------------------------
+
+
+def _limits_for(user) -> list[tuple[str, int, float, int, object]]:
+    """(label, max sessions, max cpu, max memory, sessions queryset) for each quota that applies."""
+    user_quota = Quota.objects.filter(user=user).first()
+    limits = [
+        (
+            "your",
+            user_quota.max_sessions if user_quota else settings.QUOTA_DEFAULT_MAX_SESSIONS,
+            user_quota.max_cpu if user_quota else settings.QUOTA_DEFAULT_MAX_CPU,
+            user_quota.max_memory_mb if user_quota else settings.QUOTA_DEFAULT_MAX_MEMORY_MB,
+            Session.objects.filter(owner=user),
+        )
+    ]
+    for quota in Quota.objects.filter(group__in=user.groups.all()).select_related("group"):
+        limits.append(
+            (
+                f"group {quota.group.name}'s",
+                quota.max_sessions,
+                quota.max_cpu,
+                quota.max_memory_mb,
+                Session.objects.filter(owner__groups=quota.group),
+            )
+        )
+    return limits
+
+
+def quota_check(*, user, add_sessions: int, add_cpu: float, add_memory_mb: int, exclude=None) -> None:
+    """Raise QuotaExceeded if adding this much would break the user's or a group's quota."""
+    for label, max_sessions, max_cpu, max_memory, sessions in _limits_for(user):
+        if exclude is not None:
+            sessions = sessions.exclude(pk=exclude.pk)
+        live = sessions.filter(state__in=LIVE_STATES).distinct().count()
+        used = (
+            sessions.filter(state__in=CONSUMING_STATES)
+            .distinct()
+            .aggregate(cpu=Sum("cpu", default=0.0), memory=Sum("memory_mb", default=0))
+        )
+        if live + add_sessions > max_sessions:
+            raise QuotaExceeded(f"{label} quota allows {max_sessions} live sessions and {live} exist")
+        if used["cpu"] + add_cpu > max_cpu + 1e-9:
+            raise QuotaExceeded(f"{label} quota allows {max_cpu:g} CPU; {used['cpu']:g} in use, {add_cpu:g} asked")
+        if used["memory"] + add_memory_mb > max_memory:
+            raise QuotaExceeded(
+                f"{label} quota allows {max_memory} MB memory; {used['memory']} in use, {add_memory_mb} asked"
+            )
+
+
+def _lock_quota_holders(user) -> None:
+    """Serialise concurrent creates/wakes by the same user or group members."""
+    get_user_model().objects.select_for_update().filter(pk=user.pk).exists()
+    list(Quota.objects.select_for_update().filter(group__in=user.groups.all()).values_list("pk", flat=True))
+
+
+# --- state changes ----------------------------------------------------------------------
+
+
+def _move(session: Session, target: str, **fields) -> None:
+    """Apply one transition with a compare-and-swap on the current state."""
+    next_state(session.state, target)
+    now = timezone.now()
+    fields.update(state=target, state_changed_at=now, updated_at=now)
+    if Session.objects.filter(pk=session.pk, state=session.state).update(**fields) != 1:
+        raise Conflict("the session changed meanwhile; reload and try again")
+    for name, value in fields.items():
+        setattr(session, name, value)
+
+
+def session_create(
+    *,
+    user,
+    template_slug: str,
+    cpu=None,
+    memory_mb=None,
+    tags=None,
+    keep_home: bool = False,
+    platform: str = "",
+    region: str = "",
+) -> Session:
+    template = Template.objects.filter(slug=template_slug, enabled=True).first()
+    if template is None:
+        raise InvalidInput(f"no enabled template {template_slug!r}", field="template")
+    cpu = validate_cpu(template.default_cpu if cpu is None else cpu)
+    memory_mb = validate_memory(template.default_memory_mb if memory_mb is None else memory_mb)
+    tags = validate_tags(tags)
+    if not isinstance(keep_home, bool):
+        raise InvalidInput("keep_home must be true or false", field="keep_home")
+    platform = template.platform or platform
+    region = template.region or region
+    with transaction.atomic():
+        _lock_quota_holders(user)
+        quota_check(user=user, add_sessions=1, add_cpu=cpu, add_memory_mb=memory_mb)
+        agent = agent_select_for_session(cpu=cpu, memory_mb=memory_mb, platform=platform, region=region)
+        session = Session.objects.create(
+            owner=user,
+            template=template,
+            agent=agent,
+            platform=agent.platform,
+            region=agent.region,
+            tags=tags,
+            cpu=cpu,
+            memory_mb=memory_mb,
+            keep_home=keep_home,
+            vnc_password=secrets.token_urlsafe(6)[:8],
+        )
+        command_enqueue(
+            agent=agent,
+            session=session,
+            type=AgentCommand.Type.CREATE_SESSION,
+            payload={
+                "owner": user.get_username(),
+                "template": template.as_payload(),
+                "cpu": cpu,
+                "memory_mb": memory_mb,
+                "keep_home": keep_home,
+                "vnc_password": session.vnc_password,
+            },
+        )
+    log.info("session %s created for %s on agent %s", session.pk, user.get_username(), agent.agent_id)
+    return session
+
+
+@transaction.atomic
+def session_terminate(*, session: Session) -> Session:
+    session = Session.objects.select_for_update().get(pk=session.pk)
+    if session.state in (State.TERMINATED, State.TERMINATING):
+        return session
+    if session.state == State.PENDING and _cancel_undelivered_create(session):
+        _move(session, State.TERMINATING)
+        _move(session, State.TERMINATED, terminated_at=timezone.now())
+        return session
+    if session.agent_id is None:
+        _move(session, State.TERMINATING)
+        _move(session, State.TERMINATED, terminated_at=timezone.now())
+        return session
+    _move(session, State.TERMINATING)
+    command_enqueue(
+        agent=session.agent,
+        session=session,
+        type=AgentCommand.Type.TERMINATE_SESSION,
+        payload={"keep_home": session.keep_home},
+    )
+    return session
+
+
+def _cancel_undelivered_create(session: Session) -> bool:
+    """A create the agent never received can be cancelled outright."""
+    return (
+        AgentCommand.objects.filter(
+            session=session, type=AgentCommand.Type.CREATE_SESSION, status=AgentCommand.Status.PENDING, attempts=0
+        ).update(
+            status=AgentCommand.Status.FAILED,
+            error_message="cancelled: the session was terminated before delivery",
+            completed_at=timezone.now(),
+        )
+        == 1
+    )
+
+
+@transaction.atomic
+def session_hibernate(*, session: Session) -> Session:
+    session = Session.objects.select_for_update().get(pk=session.pk)
+    _move(session, State.HIBERNATING)
+    command_enqueue(agent=session.agent, session=session, type=AgentCommand.Type.HIBERNATE_SESSION)
+    return session
+
+
+@transaction.atomic
+def session_wake(*, session: Session) -> Session:
+    session = Session.objects.select_for_update().get(pk=session.pk)
+    next_state(session.state, State.WAKING)
+    _lock_quota_holders(session.owner)
+    quota_check(
+        user=session.owner, add_sessions=0, add_cpu=session.cpu, add_memory_mb=session.memory_mb, exclude=session
+    )
+    _move(session, State.WAKING)
+    command_enqueue(agent=session.agent, session=session, type=AgentCommand.Type.WAKE_SESSION)
+    return session
+
+
+@transaction.atomic
+def session_record_activity(*, session_id) -> None:
+    Session.objects.filter(pk=session_id).update(last_activity=timezone.now())
+
+
+# --- effects of agent answers -----------------------------------------------------------
+
+
+def _endpoint(result: dict) -> dict:
+    fields = {}
+    if isinstance(result.get("vnc_host"), str):
+        fields["vnc_host"] = result["vnc_host"]
+    if isinstance(result.get("vnc_port"), int):
+        fields["vnc_port"] = result["vnc_port"]
+    return fields
+
+
+def session_on_command_completed(*, command: AgentCommand, result: dict) -> None:
+    session = Session.objects.select_for_update().filter(pk=command.session_id).first()
+    if session is None:
+        return
+    kind = command.type
+    T = AgentCommand.Type
+    if kind == T.CREATE_SESSION and session.state in (State.PENDING, State.STARTING, State.DEGRADED):
+        _move(session, State.RUNNING, started_at=timezone.now(), error_message=None, **_endpoint(result))
+    elif kind == T.WAKE_SESSION and session.state in (State.WAKING, State.DEGRADED):
+        _move(session, State.RUNNING, error_message=None, **_endpoint(result))
+    elif kind == T.HIBERNATE_SESSION and session.state in (State.HIBERNATING, State.DEGRADED):
+        _move(session, State.HIBERNATED)
+    elif kind == T.TERMINATE_SESSION and session.state in (State.TERMINATING, State.FAILED):
+        _move(session, State.TERMINATED, terminated_at=timezone.now())
+    elif kind == T.GET_SESSION:
+        session_reconcile(
+            session=session,
+            reported=str(result.get("state", "")),
+            detail=str(result.get("detail", "")),
+            endpoint=_endpoint(result),
+        )
+
+
+_FAILABLE = (State.PENDING, State.STARTING, State.WAKING, State.TERMINATING, State.HIBERNATING, State.DEGRADED)
+
+
+def session_on_command_failed(*, command: AgentCommand, error: str) -> None:
+    session = Session.objects.select_for_update().filter(pk=command.session_id).first()
+    if session is None:
+        return
+    T = AgentCommand.Type
+    message = f"{command.type.replace('_', ' ')} failed: {error}"[:2000]
+    if command.type == T.HIBERNATE_SESSION and session.state == State.HIBERNATING:
+        _move(session, State.RUNNING, error_message=message)
+    elif command.type != T.GET_SESSION and session.state in _FAILABLE:
+        _move(session, State.FAILED, error_message=message)
+
+
+def session_reconcile(*, session: Session, reported: str, detail: str = "", endpoint: dict | None = None) -> None:
+    """Bring a session in line with what its agent reports holding."""
+    endpoint = endpoint or {}
+    if reported == "running" and session.state == State.DEGRADED:
+        _move(session, State.RUNNING, **endpoint)
+    elif reported in ("hibernated", "stopped"):
+        if session.state == State.DEGRADED:
+            _move(session, State.HIBERNATED)
+        elif session.state == State.RUNNING and reported == "stopped":
+            _move(session, State.FAILED, error_message=detail or "the session's container stopped")
+    elif reported in ("failed", "missing") and session.state in (State.RUNNING, State.DEGRADED, State.HIBERNATED):
+        reason = detail or ("the agent no longer holds this session" if reported == "missing" else "it failed")
+        _move(session, State.FAILED, error_message=f"session lost: {reason}")

@@ -1,0 +1,76 @@
+"""Typed readers for settings from the environment. Junk values stop the process with
+a message naming the variable; ``NAME_FILE`` (a path) may stand in for any ``NAME``."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _raw(name: str) -> str | None:
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return os.environ.get(name)
+
+
+def env_str(name: str, default: str = "") -> str:
+    value = _raw(name)
+    return default if value is None else value
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = _raw(name)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, got {value!r}")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum or (maximum is not None and number > maximum):
+        raise ImproperlyConfigured(f"{name} must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def env_seconds(name: str, default: float, *, minimum: float = 0.001) -> float:
+    """A duration in seconds: ``30``, ``30s``, ``5m`` or ``1h``."""
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    text = value.strip().lower()
+    factor = {"s": 1, "m": 60, "h": 3600}.get(text[-1:])
+    digits = text[:-1] if factor else text
+    try:
+        number = float(digits) * (factor or 1)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a duration like 30, 30s or 5m, got {value!r}") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum} seconds, got {value!r}")
+    return number
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = _raw(name)
+    if value is None:
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]

@@ -1,0 +1,31 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
+
+from agents_app import api as agents_api
+from sessions_app import api as sessions_api
+from streamspace import health
+
+api_v1 = [
+    path("auth/token", TokenObtainPairView.as_view(), name="token"),
+    path("auth/token/refresh", TokenRefreshView.as_view(), name="token-refresh"),
+    path("templates", sessions_api.TemplateListView.as_view(), name="templates"),
+    path("sessions", sessions_api.SessionListCreateView.as_view(), name="sessions"),
+    path("sessions/<str:session_id>", sessions_api.SessionDetailView.as_view(), name="session"),
+    path("sessions/<str:session_id>/hibernate", sessions_api.SessionHibernateView.as_view(), name="session-hibernate"),
+    path("sessions/<str:session_id>/wake", sessions_api.SessionWakeView.as_view(), name="session-wake"),
+    path("agents/register", agents_api.AgentRegisterView.as_view(), name="agent-register"),
+    path("agents", agents_api.AgentListView.as_view(), name="agents"),
+    path("agents/<str:agent_id>", agents_api.AgentDetailView.as_view(), name="agent"),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger"),
+    path("healthz", health.healthz),
+    path("readyz", health.readyz),
+    path("", include("sessions_app.urls")),
+]

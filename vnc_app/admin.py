@@ -1,0 +1,21 @@
+from django.contrib import admin
+
+from vnc_app.models import VNCConnection
+
+
+@admin.register(VNCConnection)
+class VNCConnectionAdmin(admin.ModelAdmin):
+    list_display = [
+        "session",
+        "user",
+        "client_address",
+        "opened_at",
+        "closed_at",
+        "bytes_to_client",
+        "bytes_from_client",
+        "close_reason",
+    ]
+    list_filter = ["opened_at"]
+    search_fields = ["session__id", "user__username", "client_address"]
+    list_select_related = ["session", "user"]
+    readonly_fields = [f.name for f in VNCConnection._meta.fields]

@@ -1,0 +1,22 @@
+from django.conf import settings
+from django.db import models
+
+
+class VNCConnection(models.Model):
+    """Audit: one row per viewer connection."""
+
+    session = models.ForeignKey("sessions_app.Session", on_delete=models.CASCADE, related_name="vnc_connections")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True)
+    client_address = models.CharField(max_length=64, blank=True, default="")
+    opened_at = models.DateTimeField(auto_now_add=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    bytes_to_client = models.BigIntegerField(default=0)
+    bytes_from_client = models.BigIntegerField(default=0)
+    close_reason = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        ordering = ["-opened_at"]
+        verbose_name = "VNC connection"
+
+    def __str__(self) -> str:
+        return f"{self.user} → {self.session_id} at {self.opened_at:%Y-%m-%d %H:%M}"
