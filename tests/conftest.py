@@ -1,0 +1,83 @@
+"""Shared fixtures: personas (alice owns, bob is another user, carol is staff), an
+online agent, the demo template, and API clients authenticated with real JWTs."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+from django.utils import timezone
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    """The suite runs on PostgreSQL (DATABASE_URL); SQLite would hide locking bugs."""
+    engine = settings.DATABASES["default"]["ENGINE"]
+    assert "postgresql" in engine, "run the tests with DATABASE_URL pointing at PostgreSQL (see README)"
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-password-1")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-password-1")
+
+
+@pytest.fixture
+def carol(django_user_model):
+    return django_user_model.objects.create_user("carol", password="carol-password-1", is_staff=True)
+
+
+@pytest.fixture
+def template(db):
+    from sessions_app.models import Template
+
+    return Template.objects.create(
+        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-1", default_cpu=1.0, default_memory_mb=1024
+    )
+
+
+def make_agent(agent_id="agent-1", *, platform="docker", region="eu", online=True, **capacity):
+    from agents_app.models import Agent
+
+    cap = {"cpu": 8, "memory_mb": 16384, "max_sessions": 10}
+    cap.update(capacity)
+    return Agent.objects.create(
+        agent_id=agent_id,
+        platform=platform,
+        region=region,
+        status=Agent.Status.ONLINE if online else Agent.Status.OFFLINE,
+        last_heartbeat=timezone.now() if online else None,
+        capacity=cap,
+    )
+
+
+@pytest.fixture
+def agent(db):
+    return make_agent()
+
+
+def api_client_for(user):
+    from rest_framework.test import APIClient
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {AccessToken.for_user(user)}")
+    return client
+
+
+@pytest.fixture
+def as_alice(alice):
+    return api_client_for(alice)
+
+
+@pytest.fixture
+def as_bob(bob):
+    return api_client_for(bob)
+
+
+@pytest.fixture
+def as_carol(carol):
+    return api_client_for(carol)
