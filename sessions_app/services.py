@@ -272,12 +272,7 @@ def session_on_command_completed(*, command: AgentCommand, result: dict) -> None
     elif kind == T.TERMINATE_SESSION and session.state in (State.TERMINATING, State.FAILED):
         _move(session, State.TERMINATED, terminated_at=timezone.now())
     elif kind == T.GET_SESSION:
-        session_reconcile(
-            session=session,
-            reported=str(result.get("state", "")),
-            detail=str(result.get("detail", "")),
-            endpoint=_endpoint(result),
-        )
+        session_settle(session=session, reported=str(result.get("state", "")), endpoint=_endpoint(result))
 
 
 _FAILABLE = (State.PENDING, State.STARTING, State.WAKING, State.TERMINATING, State.HIBERNATING, State.DEGRADED)
@@ -308,3 +303,30 @@ def session_reconcile(*, session: Session, reported: str, detail: str = "", endp
     elif reported in ("failed", "missing") and session.state in (State.RUNNING, State.DEGRADED, State.HIBERNATED):
         reason = detail or ("the agent no longer holds this session" if reported == "missing" else "it failed")
         _move(session, State.FAILED, error_message=f"session lost: {reason}")
+
+
+# What a get_session answer settles for a session stuck waiting: (state, reported) -> new state.
+_SETTLE = {
+    (State.PENDING, "running"): State.RUNNING,
+    (State.STARTING, "running"): State.RUNNING,
+    (State.WAKING, "running"): State.RUNNING,
+    (State.HIBERNATING, "hibernated"): State.HIBERNATED,
+    (State.HIBERNATING, "running"): State.RUNNING,
+    (State.WAKING, "hibernated"): State.HIBERNATED,
+    (State.TERMINATING, "missing"): State.TERMINATED,
+}
+
+
+def session_settle(*, session: Session, reported: str, endpoint: dict) -> None:
+    """A stuck session was re-queried: take the agent's answer as the truth."""
+    target = _SETTLE.get((session.state, reported))
+    if target == State.TERMINATED:
+        _move(session, target, terminated_at=timezone.now())
+    elif target == State.RUNNING:
+        _move(session, target, started_at=session.started_at or timezone.now(), **endpoint)
+    elif target is not None:
+        _move(session, target)
+    elif session.state in (State.PENDING, State.STARTING, State.WAKING) and reported in ("missing", "failed"):
+        _move(session, State.FAILED, error_message=f"the agent reports the session {reported}")
+    else:
+        session_reconcile(session=session, reported=reported, endpoint=endpoint)

@@ -1,0 +1,19 @@
+"""Run every sweep once, now (what Celery beat does periodically)."""
+
+import json
+
+from django.core.management.base import BaseCommand
+
+from agents_app import sweeps
+
+
+class Command(BaseCommand):
+    help = "Run the agent, command and stuck-session sweeps once and print what they changed."
+
+    def handle(self, *args, **options):
+        result = {
+            "agents": sweeps.sweep_silent_agents(),
+            "commands": sweeps.sweep_commands(),
+            "sessions": sweeps.sweep_stuck_sessions(),
+        }
+        self.stdout.write(json.dumps(result))

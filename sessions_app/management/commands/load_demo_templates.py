@@ -1,0 +1,41 @@
+"""Load the demo templates (idempotent)."""
+
+from django.core.management.base import BaseCommand
+
+from sessions_app.models import Template
+from streamspace.env import env_str
+
+DESKTOP_IMAGE = env_str("DESKTOP_IMAGE", "streamspace/desktop:bookworm-1")
+
+DEMO_TEMPLATES = [
+    {
+        "slug": "debian-desktop",
+        "name": "Debian desktop",
+        "description": "A light Debian desktop with a terminal (TigerVNC, Openbox, xterm).",
+        "image": DESKTOP_IMAGE,
+        "vnc_port": 5901,
+        "default_cpu": 1.0,
+        "default_memory_mb": 1024,
+        "volume_mount_path": "/home/user",
+    },
+    {
+        "slug": "debian-desktop-large",
+        "name": "Debian desktop (large)",
+        "description": "The same desktop with 2 CPU and 2 GB of memory.",
+        "image": DESKTOP_IMAGE,
+        "vnc_port": 5901,
+        "default_cpu": 2.0,
+        "default_memory_mb": 2048,
+        "volume_mount_path": "/home/user",
+    },
+]
+
+
+class Command(BaseCommand):
+    help = "Create or update the demo templates."
+
+    def handle(self, *args, **options):
+        for spec in DEMO_TEMPLATES:
+            fields = {k: v for k, v in spec.items() if k != "slug"}
+            _, created = Template.objects.update_or_create(slug=spec["slug"], defaults=fields)
+            self.stdout.write(f"{'created' if created else 'updated'} template {spec['slug']}")
