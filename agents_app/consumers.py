@@ -1,7 +1,7 @@
 """The agent socket: ``WS /api/v1/agent/connect?agent_id=<id>``.
 
 Thin: authenticate, then hand each validated message to a service. VNC tunnel frames
-go to the relay in vnc_app.
+are routed to the viewer consumer that opened the tunnel (vnc_app.relay).
 """
 
 from __future__ import annotations
@@ -38,9 +38,21 @@ def _claim_deliverable(agent_pk: int) -> list[str]:
     return frames
 
 
+class TunnelRoute:
+    """Where one tunnel's bytes go: the viewer's channel, and the sequence of data events."""
+
+    def __init__(self, viewer: str):
+        self.viewer = viewer
+        self.seq = relay.Sequence()
+
+
 class AgentConsumer(AsyncWebsocketConsumer):
     agent_pk: int | None = None
     agent_id: str = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tunnels: dict[int, TunnelRoute] = {}
 
     async def connect(self):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
@@ -56,6 +68,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self._refuse(protocol.CLOSE_UNAUTHORIZED, reason)
             return
         self.agent_pk, self.agent_id = agent.pk, agent.agent_id
+        relay.register(self)
         previous = await database_sync_to_async(services.agent_attach)(
             agent_pk=agent.pk, channel_name=self.channel_name
         )
@@ -70,7 +83,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         if self.agent_pk is None:
             return
-        await relay.close_agent_tunnels(self.channel_layer, self.channel_name, "agent disconnected")
+        relay.unregister(self)
+        tunnels, self.tunnels = self.tunnels, {}
+        for route in tunnels.values():
+            await relay.deliver(
+                self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": "agent disconnected"}
+            )
         await database_sync_to_async(services.agent_detach)(agent_pk=self.agent_pk, channel_name=self.channel_name)
         log.info("agent %s disconnected (%s)", self.agent_id, code)
 
@@ -99,7 +117,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
         except protocol.ProtocolError as exc:
             await self._reject(exc)
             return
-        await relay.from_agent_data(self.channel_layer, self.channel_name, tunnel_id, data)
+        route = self.tunnels.get(tunnel_id)
+        if route is None:
+            return  # a tunnel that just closed; its last bytes have nowhere to go
+        event = {"type": "tunnel.data", "seq": route.seq.next(), "bytes": data}
+        await relay.deliver(self.channel_layer, route.viewer, event)
 
     async def _reject(self, exc: protocol.ProtocolError) -> None:
         log.warning("agent %s sent a bad frame: %s", self.agent_id, exc.reason)
@@ -144,9 +166,27 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(services.session_event)(agent_pk=self.agent_pk, payload=message.payload)
 
     async def on_tunnel_ready(self, message):
-        await relay.from_agent_control(self.channel_layer, self.channel_name, message)
+        await self._to_viewer(message.payload["tunnel_id"], {"type": "tunnel.ready"})
 
-    on_tunnel_error = on_tunnel_close = on_tunnel_credit = on_tunnel_ready
+    async def on_tunnel_credit(self, message):
+        await self._to_viewer(message.payload["tunnel_id"], {"type": "tunnel.credit", "n": message.payload["bytes"]})
+
+    async def on_tunnel_error(self, message):
+        route = self.tunnels.pop(message.payload["tunnel_id"], None)
+        if route:
+            reason = f"the agent could not reach the desktop: {message.payload['error']}"[:120]
+            await relay.deliver(self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": reason})
+
+    async def on_tunnel_close(self, message):
+        route = self.tunnels.pop(message.payload["tunnel_id"], None)
+        if route:
+            reason = message.payload.get("reason") or "the desktop closed the connection"
+            await relay.deliver(self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": reason[:120]})
+
+    async def _to_viewer(self, tunnel_id: int, event: dict) -> None:
+        route = self.tunnels.get(tunnel_id)
+        if route:
+            await relay.deliver(self.channel_layer, route.viewer, event)
 
     # --- messages from other parts of the control plane --------------------------------
 
@@ -161,9 +201,42 @@ class AgentConsumer(AsyncWebsocketConsumer):
         for frame in await database_sync_to_async(_claim_deliverable)(self.agent_pk):
             await self.send(text_data=frame)
 
+    # --- tunnel events from viewer consumers (direct calls or the channel layer) ----------
+
+    async def tunnel_open(self, event):
+        tunnel_id = event["tunnel_id"]
+        self.tunnels[tunnel_id] = TunnelRoute(event["viewer"])
+        await self.send(
+            text_data=protocol.encode("tunnel_open", {"tunnel_id": tunnel_id, "session_id": event["session_id"]})
+        )
+
     async def tunnel_to_agent(self, event):
-        """A viewer's relay asks this socket to send a frame to the agent."""
-        if "bytes" in event:
-            await self.send(bytes_data=event["bytes"])
-        else:
-            await self.send(text_data=event["text"])
+        route = self.tunnels.get(event["tunnel_id"])
+        if route is None:
+            return
+        try:
+            route.seq.check(event["seq"])
+        except relay.SequenceGap as exc:
+            await self._end_tunnel(event["tunnel_id"], exc.args[0])
+            return
+        for frame in event["frames"]:
+            await self.send(bytes_data=frame)
+
+    async def tunnel_grant(self, event):
+        if event["tunnel_id"] in self.tunnels:
+            await self.send(
+                text_data=protocol.encode("tunnel_credit", {"tunnel_id": event["tunnel_id"], "bytes": event["n"]})
+            )
+
+    async def tunnel_release(self, event):
+        """The viewer went away: close the tunnel at the agent."""
+        if self.tunnels.pop(event["tunnel_id"], None):
+            await self.send(
+                text_data=protocol.encode("tunnel_close", {"tunnel_id": event["tunnel_id"], "reason": event["reason"]})
+            )
+
+    async def _end_tunnel(self, tunnel_id: int, reason: str) -> None:
+        route = self.tunnels.pop(tunnel_id, None)
+        if route:
+            await self.send(text_data=protocol.encode("tunnel_close", {"tunnel_id": tunnel_id, "reason": reason}))
+            await relay.deliver(self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": reason[:120]})

@@ -1,11 +1,192 @@
-"""The viewer socket: ``WS /api/v1/vnc/<session_id>``."""
+"""The viewer socket: ``WS /api/v1/vnc/<session_id>`` (noVNC's ``binary`` subprotocol).
 
+Authenticates (login cookie or ``?token=<JWT>``), checks the user may see the session,
+then opens a tunnel through the session's agent, wherever that agent is connected, and
+relays bytes both ways with credit-based flow control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agent_clients import protocol
+from sessions_app import selectors
+from sessions_app.states import State
+from streamspace.errors import NotFound
+from vnc_app import relay, services
+from vnc_app.rfb import ClientStreamWatcher
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 15.0  # seconds for the agent to reach the desktop
+ACTIVITY_EVERY = 10.0  # seconds between writes of the session's last input time
+# The browser cannot be paused under Daphne, so a viewer that outruns the desktop by
+# this much is closed with a reason instead of being buffered without bound.
+MAX_VIEWER_BACKLOG = 2 * protocol.TUNNEL_WINDOW
+
+
+@database_sync_to_async
+def _load(user, session_id):
+    """(session id, agent channel, state) if the user may view the session; NotFound otherwise."""
+    session = selectors.session_get_for_user(user=user, session_id=session_id)
+    return session.pk, (session.agent.channel_name if session.agent else ""), session.state
 
 
 class VncConsumer(AsyncWebsocketConsumer):
+    tunnel_id: int | None = None
+    connection_pk: int | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.agent_channel = ""
+        self.ready = False
+        self.pending: list[bytes] = []  # viewer bytes held until the agent reports the tunnel ready
+        self.to_agent_outstanding = 0  # bytes sent towards the agent not yet credited back
+        self.unreported = 0  # bytes delivered to the browser not yet credited to the agent
+        self.bytes_to_client = 0
+        self.bytes_from_client = 0
+        self.close_reason = ""
+        self.seq = relay.Sequence()
+        self.watcher = ClientStreamWatcher()
+        self.last_activity_write = 0.0
+        self.open_timer: asyncio.Task | None = None
+
     async def connect(self):
-        await self.accept()
-        await self.close(code=protocol.CLOSE_UNAVAILABLE, reason="the VNC relay is not available yet")
+        subprotocols = self.scope.get("subprotocols") or []
+        await self.accept("binary" if "binary" in subprotocols else None)
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self._finish(protocol.CLOSE_UNAUTHORIZED, "log in first")
+            return
+        try:
+            self.session_id, self.agent_channel, state = await _load(
+                user, self.scope["url_route"]["kwargs"]["session_id"]
+            )
+        except NotFound:
+            await self._finish(protocol.CLOSE_NOT_FOUND, "no such session")
+            return
+        if state != State.RUNNING:
+            await self._finish(protocol.CLOSE_UNAVAILABLE, f"the session is {state}, not running")
+            return
+        if not self.agent_channel:
+            await self._finish(protocol.CLOSE_UNAVAILABLE, "the session's agent is not connected")
+            return
+        client = self.scope.get("client") or ("", 0)
+        self.connection_pk = await database_sync_to_async(services.vnc_connection_open)(
+            session_id=self.session_id, user_id=user.pk, client_address=str(client[0])
+        )
+        self.tunnel_id = secrets.randbits(32)
+        relay.register(self)
+        await relay.deliver(
+            self.channel_layer,
+            self.agent_channel,
+            {
+                "type": "tunnel.open",
+                "tunnel_id": self.tunnel_id,
+                "session_id": str(self.session_id),
+                "viewer": self.channel_name,
+            },
+        )
+        self.open_timer = asyncio.create_task(self._open_deadline())
+
+    async def _open_deadline(self):
+        await asyncio.sleep(OPEN_TIMEOUT)
+        if not self.ready:
+            await self._finish(protocol.CLOSE_UNAVAILABLE, "the agent did not open the desktop connection in time")
+
+    async def _finish(self, code: int, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        await self.close(code=code, reason=reason)
+
+    async def disconnect(self, code):
+        if self.open_timer:
+            self.open_timer.cancel()
+        if self.tunnel_id is None:
+            return
+        relay.unregister(self)
+        reason = self.close_reason or f"viewer closed ({code})"
+        await relay.deliver(
+            self.channel_layer,
+            self.agent_channel,
+            {"type": "tunnel.release", "tunnel_id": self.tunnel_id, "reason": reason},
+        )
+        self.tunnel_id = None
+        await database_sync_to_async(services.vnc_connection_close)(
+            connection_pk=self.connection_pk,
+            bytes_to_client=self.bytes_to_client,
+            bytes_from_client=self.bytes_from_client,
+            reason=reason,
+        )
+
+    # --- browser -> agent -------------------------------------------------------------------
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if self.tunnel_id is None or bytes_data is None:
+            return
+        self.bytes_from_client += len(bytes_data)
+        if self.watcher.feed(bytes_data):
+            await self._note_input()
+        if not self.ready:
+            self.pending.append(bytes_data)
+            if sum(map(len, self.pending)) > MAX_VIEWER_BACKLOG:
+                await self._finish(protocol.CLOSE_TOO_LARGE, "the viewer sent too much before the desktop answered")
+            return
+        await self._forward(bytes_data)
+
+    async def _forward(self, data: bytes) -> None:
+        self.to_agent_outstanding += len(data)
+        if self.to_agent_outstanding > MAX_VIEWER_BACKLOG:
+            await self._finish(protocol.CLOSE_TOO_LARGE, "the viewer sends faster than the desktop accepts")
+            return
+        event = {"type": "tunnel.to_agent", "tunnel_id": self.tunnel_id, "seq": self.seq.next(),
+                 "frames": relay.split(self.tunnel_id, data)}  # fmt: skip
+        await relay.deliver(self.channel_layer, self.agent_channel, event)
+
+    async def _note_input(self) -> None:
+        now = time.monotonic()
+        if now - self.last_activity_write >= ACTIVITY_EVERY:
+            self.last_activity_write = now
+            await database_sync_to_async(services.session_mark_input)(session_id=self.session_id)
+
+    # --- agent -> browser (events from the agent consumer) ----------------------------------
+
+    async def tunnel_ready(self, event):
+        self.ready = True
+        if self.open_timer:
+            self.open_timer.cancel()
+        pending, self.pending = self.pending, []
+        for data in pending:
+            await self._forward(data)
+
+    async def tunnel_data(self, event):
+        if self.tunnel_id is None:
+            return
+        try:
+            self.seq.check(event["seq"])
+        except relay.SequenceGap as exc:
+            await self._finish(protocol.CLOSE_UNAVAILABLE, exc.args[0])
+            return
+        data = event["bytes"]
+        await self.send(bytes_data=data)
+        self.bytes_to_client += len(data)
+        self.unreported += len(data)
+        if self.unreported >= relay.CREDIT_BATCH:
+            grant, self.unreported = self.unreported, 0
+            await relay.deliver(
+                self.channel_layer,
+                self.agent_channel,
+                {"type": "tunnel.grant", "tunnel_id": self.tunnel_id, "n": grant},
+            )
+
+    async def tunnel_credit(self, event):
+        self.to_agent_outstanding = max(0, self.to_agent_outstanding - event["n"])
+
+    async def tunnel_closed(self, event):
+        if self.tunnel_id is not None:
+            await self._finish(protocol.CLOSE_GOING_AWAY, event["reason"])
