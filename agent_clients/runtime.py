@@ -1,0 +1,715 @@
+"""The agent runtime: one process that dials out to the control plane and does what
+commands say, with any backend (Docker, Kubernetes, ...).
+
+No Django here. The loop: acquire leadership -> connect -> ``hello`` -> serve (reader,
+heartbeats, commands, tunnels) until the socket drops, leadership is lost or shutdown
+is asked for -> reconnect with capped exponential backoff and full jitter.
+
+Guarantees:
+* one writer: every frame goes through :meth:`Agent._send` under one lock;
+* ``ack`` at once, then execution; commands of one session run in arrival order,
+  different sessions concurrently; blocking backend calls run in (daemon) threads;
+* a command id is executed at most once per process: a finished one has its answer
+  re-sent from a bounded cache, an in-flight one is only acked again; an answer that
+  could not be sent (socket down) is kept and sent after the next ``hello``;
+* heartbeats never wait for a slow backend: the session list comes from a cache that a
+  background thread refreshes, with a timeout;
+* SIGTERM/SIGINT drains: heartbeat ``draining`` at once, new commands left unacked (the
+  control plane redelivers them), in-flight ones finish (up to ``drain_timeout``),
+  tunnels closed, socket closed with 1000, leadership released, exit 0. Sessions keep
+  running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from agent_clients import protocol
+from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
+from agent_clients.config import BACKENDS, LEADERSHIPS, AgentConfig, ConfigError, import_dotted, parse_config
+from agent_clients.leadership import Leadership
+from agent_clients.tunnels import TunnelManager
+
+log = logging.getLogger("agent_clients.runtime")
+
+AGENT_VERSION = "0.1.0"
+RESULT_CACHE_SIZE = 10_000
+UNSENT_LIMIT = 10_000
+EVENT_QUEUE_LIMIT = 1_000
+MAX_FRAME = max(protocol.MAX_TEXT_FRAME, protocol.MAX_BINARY_PAYLOAD + protocol.BINARY_HEADER_SIZE) + 4096
+PING_INTERVAL = 20.0
+BACKOFF_BASE = 0.5
+STABLE_AFTER = 5.0  # a connection that lasted this long resets the backoff
+AUTH_CLOSE_CODES = (protocol.CLOSE_UNAUTHORIZED, protocol.CLOSE_FORBIDDEN)
+
+T = TypeVar("T")
+
+
+def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = 10.0, rng: random.Random | None = None):
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return (rng or random).uniform(0, ceiling)
+
+
+class NotConnected(ConnectionError):
+    """No control socket at the moment."""
+
+
+class _Stop(Exception):
+    pass
+
+
+class Agent:
+    """The runtime. ``await Agent(cfg, backend, leadership).run()`` returns 0 after a drain."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        backend: Backend,
+        leadership: Leadership,
+        *,
+        version: str = AGENT_VERSION,
+        install_signal_handlers: bool = True,
+        max_workers: int | None = None,
+    ):
+        self.cfg = cfg
+        self.backend = backend
+        self.leadership = leadership
+        self.version = version
+        self.install_signal_handlers = install_signal_handlers
+        self.max_workers = max_workers or max(4, min(32, cfg.max_sessions + 4))
+        self.stable_after = STABLE_AFTER
+        self.backoff_base = BACKOFF_BASE
+        self.sessions_timeout = max(0.5, min(5.0, cfg.heartbeat_interval / 2))
+
+        self._ws: ClientConnection | None = None
+        self._send_lock: asyncio.Lock | None = None
+        self._threads: asyncio.Semaphore | None = None
+        self._shutdown: asyncio.Event | None = None
+        self._stop_connection: asyncio.Event | None = None
+        self._connected: asyncio.Event | None = None
+        self._event_ready: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self.tunnels: TunnelManager | None = None
+        self._force_stop = False
+        self._drain_waiter: asyncio.Future | None = None
+
+        # command bookkeeping
+        self._results: collections.OrderedDict[str, tuple[str, dict]] = collections.OrderedDict()
+        self._unsent: collections.OrderedDict[str, tuple[str, dict]] = collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._tails: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+        # session cache for heartbeats
+        self._sessions: list[SessionStatus] = []
+        self._capacity: dict[str, Any] = {"max_sessions": cfg.max_sessions}
+        self._refresh: asyncio.Future | None = None
+
+        # watch()
+        self._events: collections.deque[SessionStatus] = collections.deque(maxlen=EVENT_QUEUE_LIMIT)
+        self._watch_stop = threading.Event()
+
+        # observable counters (tests, logs)
+        self.connections = 0
+        self.connect_attempts = 0
+        self.reconnect_delays: list[float] = []
+
+    # --- public ----------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """Begin the graceful drain (what SIGTERM/SIGINT do). Thread-unsafe: call on the loop."""
+        if self._shutdown is None:
+            return
+        if self._shutdown.is_set():
+            log.warning("second shutdown request: skipping the rest of the drain")
+            self._force_stop = True
+            if self._drain_waiter is not None and not self._drain_waiter.done():
+                self._drain_waiter.cancel()
+            return
+        log.info("shutdown requested: draining")
+        self._shutdown.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._send_lock = asyncio.Lock()
+        self._threads = asyncio.Semaphore(self.max_workers)
+        self._shutdown = asyncio.Event()
+        self._stop_connection = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._event_ready = asyncio.Event()
+        if self.install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, self.request_shutdown)
+        watcher = self._start_watch()
+        connection_loop = asyncio.create_task(self._connection_loop(), name="agent-connection")
+        events = asyncio.create_task(self._event_sender(), name="agent-events")
+        try:
+            done, _ = await asyncio.wait(
+                {connection_loop, asyncio.create_task(self._shutdown.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if connection_loop in done:
+                connection_loop.result()  # raises what killed it
+            await self._drain(connection_loop)
+        finally:
+            events.cancel()
+            connection_loop.cancel()
+            await asyncio.gather(events, connection_loop, return_exceptions=True)
+            for task in list(self._tasks):
+                task.cancel()
+            self._watch_stop.set()
+            if watcher is not None:
+                await asyncio.to_thread(watcher.join, 2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.leadership.release(), 5)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(self.backend.close), 5)
+            if self.install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(Exception):
+                        loop.remove_signal_handler(sig)
+        log.info("agent stopped")
+        return 0
+
+    # --- drain -----------------------------------------------------------------------
+
+    async def _drain(self, connection_loop: asyncio.Task) -> None:
+        self.draining = True
+        with contextlib.suppress(Exception):
+            await self._send_heartbeat(fresh=False)
+        inflight = [t for t in self._inflight.values() if not t.done()]
+        if inflight:
+            log.info("draining: waiting up to %.0fs for %d in-flight command(s)", self.cfg.drain_timeout, len(inflight))
+            self._drain_waiter = asyncio.ensure_future(asyncio.wait(inflight, timeout=self.cfg.drain_timeout))
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_waiter
+            left = [t for t in inflight if not t.done()]
+            if left:
+                log.warning("drain timeout: %d command(s) still running are abandoned", len(left))
+        # Give the answers of the drained commands a moment to reach the control plane.
+        if self._unsent and not self._force_stop:
+            deadline = time.monotonic() + min(5.0, self.cfg.drain_timeout)
+            while self._unsent and time.monotonic() < deadline and not connection_loop.done():
+                await self._flush_unsent()
+                if self._unsent:
+                    await asyncio.sleep(0.1)
+        self._stop_connection.set()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(connection_loop), 10)
+
+    # --- connection ------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        while not self._stop_connection.is_set():
+            if not await self._until_stopped(self.leadership.acquire()):
+                return
+            started = time.monotonic()
+            established = False
+            try:
+                established = await self._serve_once()
+            except _Stop:
+                return
+            except asyncio.CancelledError:
+                raise
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403):
+                    log.error("control plane refused the agent token (HTTP %s)", status)
+                else:
+                    log.warning("control plane answered HTTP %s to the connect", status)
+            except ConnectionClosed as exc:
+                self._log_close(exc)
+            except (OSError, TimeoutError) as exc:
+                log.warning("cannot connect to %s: %s", self._safe_url(), exc.__class__.__name__ + f" {exc}".rstrip())
+            except Exception:
+                log.exception("connection to the control plane failed")
+            if self._stop_connection.is_set():
+                return
+            if established and time.monotonic() - started > self.stable_after:
+                attempt = 0
+            delay = backoff_delay(attempt, base=self.backoff_base, cap=self.cfg.reconnect_cap)
+            attempt += 1
+            self.reconnect_delays.append(delay)
+            if len(self.reconnect_delays) > 1000:
+                del self.reconnect_delays[:500]
+            log.info("reconnecting in %.2fs", delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop_connection.wait(), delay)
+
+    async def _until_stopped(self, awaitable) -> bool:
+        """Await ``awaitable`` unless the connection loop is told to stop first."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.create_task(self._stop_connection.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return False
+
+    def _safe_url(self) -> str:
+        return self.cfg.connect_url  # carries the agent id, never the token
+
+    def _log_close(self, exc: ConnectionClosed) -> None:
+        rcvd = exc.rcvd
+        if rcvd is not None and rcvd.code in AUTH_CLOSE_CODES:
+            log.error("control plane refused the agent (close %s: %s)", rcvd.code, rcvd.reason or "no reason")
+        elif rcvd is not None:
+            log.warning("control plane closed the connection (close %s: %s)", rcvd.code, rcvd.reason or "no reason")
+        else:
+            log.warning("connection to the control plane lost")
+
+    async def _serve_once(self) -> bool:
+        """Connect, say hello, serve until something ends the connection. True if hello went out."""
+        self.connect_attempts += 1
+        ws = await connect(
+            self.cfg.connect_url,
+            additional_headers={"Authorization": f"Bearer {self.cfg.token}"},
+            max_size=MAX_FRAME,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_INTERVAL,
+            open_timeout=10,
+            close_timeout=5,
+            max_queue=64,
+        )
+        tunnels = TunnelManager(
+            self.backend,
+            lambda type_, payload: self._send_on(ws, type_, payload),
+            lambda frame: self._send_raw(ws, frame),
+        )
+        tasks: list[asyncio.Task] = []
+        try:
+            log.info("connected to %s", self._safe_url())
+            await self._refresh_sessions()
+            hello = {
+                "agent_id": self.cfg.agent_id,
+                "platform": self.backend.platform,
+                "protocol": protocol.PROTOCOL_VERSION,
+                "version": self.version,
+                "region": self.cfg.region or None,
+                "capacity": self._capacity_payload(),
+                "sessions": [s.to_dict() for s in self._sessions],
+            }
+            async with self._send_lock:
+                await ws.send(protocol.encode("hello", hello))
+                self._ws = ws
+                self.tunnels = tunnels
+            self.connections += 1
+            self._connected.set()
+            self._event_ready.set()
+            log.info("hello sent (%d sessions)", len(self._sessions))
+            if self._unsent:
+                await self._flush_unsent()
+            if self.draining:
+                await self._send_heartbeat(fresh=False)
+            tasks = [
+                asyncio.create_task(self._reader(ws, tunnels), name="agent-reader"),
+                asyncio.create_task(self._heartbeats(), name="agent-heartbeat"),
+                asyncio.create_task(self._watch_leadership(), name="agent-leadership"),
+                asyncio.create_task(self._stop_connection.wait(), name="agent-stop"),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if isinstance(exc, ConnectionClosed):
+                    raise exc
+                if exc is not None and not isinstance(exc, NotConnected):
+                    log.error("%s failed: %r", task.get_name(), exc)
+                if task.get_name() == "agent-reader" and exc is None:
+                    log.warning(
+                        "control plane closed the connection (close %s: %s)", ws.close_code, ws.close_reason or "-"
+                    )
+                elif task.get_name() == "agent-leadership":
+                    log.warning("leadership lost: disconnecting")
+            return True
+        finally:
+            self._ws = None
+            self.tunnels = None
+            self._connected.clear()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await tunnels.close_all()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    ws.close(1000, "agent shutting down" if self.draining else "agent disconnecting"), 6
+                )
+            if self._stop_connection.is_set():
+                log.info("disconnected from the control plane")
+
+    async def _watch_leadership(self) -> None:
+        await self.leadership.lost()
+
+    # --- the one writer --------------------------------------------------------------
+
+    async def _send_raw(self, ws: ClientConnection, frame: str | bytes) -> None:
+        async with self._send_lock:
+            if self._ws is not ws:
+                raise NotConnected("connection replaced")
+            await ws.send(frame)
+
+    async def _send_on(self, ws: ClientConnection, type_: str, payload: dict) -> None:
+        await self._send_raw(ws, protocol.encode(type_, payload))
+
+    async def _send(self, type_: str, payload: dict) -> None:
+        """Send on the current connection; NotConnected if there is none."""
+        ws = self._ws
+        if ws is None:
+            raise NotConnected("not connected")
+        await self._send_on(ws, type_, payload)
+
+    # --- reader ----------------------------------------------------------------------
+
+    async def _reader(self, ws: ClientConnection, tunnels: TunnelManager) -> None:
+        async for frame in ws:
+            if isinstance(frame, bytes):
+                try:
+                    tunnel_id, data = protocol.unpack_data(frame)
+                except protocol.ProtocolError as exc:
+                    log.warning("ignoring a bad binary frame: %s", exc.reason)
+                    continue
+                tunnels.data(tunnel_id, data)
+                continue
+            try:
+                message = protocol.decode_control_message(frame)
+            except protocol.ProtocolError as exc:
+                log.warning("ignoring an invalid control frame: %s", exc.reason)
+                continue
+            try:
+                self._dispatch(message, tunnels)
+            except Exception:
+                log.exception("handling a %s message failed", message.type)
+
+    def _dispatch(self, message: protocol.Message, tunnels: TunnelManager) -> None:
+        p = message.payload
+        if message.type == "command":
+            self._on_command(p)
+        elif message.type == "tunnel_open":
+            if self.draining:
+                self._spawn(self._send("tunnel_error", {"tunnel_id": p["tunnel_id"], "error": "agent is draining"}))
+            else:
+                tunnels.open(p["tunnel_id"], p["session_id"])
+        elif message.type == "tunnel_close":
+            tunnels.close(p["tunnel_id"], p.get("reason"))
+        elif message.type == "tunnel_credit":
+            tunnels.credit(p["tunnel_id"], p["bytes"])
+        elif message.type == "error":
+            log.warning("control plane reports an error: %s (ref %s)", p["reason"], p.get("ref"))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        async def quiet():
+            with contextlib.suppress(NotConnected, ConnectionClosed):
+                await coro
+
+        task = asyncio.create_task(quiet())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- commands --------------------------------------------------------------------
+
+    def _on_command(self, p: dict) -> None:
+        command_id = p["command_id"]
+        if self.draining:
+            log.info("command %s %s left unacked: the agent is draining", command_id, p["type"])
+            return
+        if command_id in self._results:
+            self._results.move_to_end(command_id)
+            log.info("command %s already finished: re-sending its answer", command_id)
+            self._spawn(self._send("ack", {"command_id": command_id}))
+            self._unsent[command_id] = self._results[command_id]
+            self._trim_unsent()
+            self._spawn(self._deliver(command_id))
+            return
+        self._spawn(self._send("ack", {"command_id": command_id}))
+        if command_id in self._inflight:
+            log.info("command %s is already running: acked again", command_id)
+            return
+        session_id = p.get("session_id") or None
+        previous = self._tails.get(session_id) if session_id else None
+        task = asyncio.create_task(self._run_command(p, previous), name=f"command-{command_id}")
+        self._inflight[command_id] = task
+        if session_id:
+            self._tails[session_id] = task
+
+        def done(t: asyncio.Task, command_id=command_id, session_id=session_id) -> None:
+            self._inflight.pop(command_id, None)
+            if session_id and self._tails.get(session_id) is t:
+                del self._tails[session_id]
+
+        task.add_done_callback(done)
+
+    async def _run_command(self, p: dict, previous: asyncio.Task | None) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
+        command_id, type_, session_id = p["command_id"], p["type"], p.get("session_id") or ""
+        started = time.monotonic()
+        try:
+            result = await self._execute(type_, session_id, p.get("payload") or {})
+            answer = ("complete", {"command_id": command_id, "result": result})
+            outcome = "completed"
+        except BackendError as exc:
+            answer = ("failed", {"command_id": command_id, "error": exc.message, "retryable": exc.retryable})
+            outcome = f"failed ({'retryable' if exc.retryable else 'permanent'}): {exc.detail}"
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("command %s %s %s crashed", command_id, type_, session_id)
+            answer = ("failed", {"command_id": command_id, "error": "internal agent error", "retryable": True})
+            outcome = "failed (internal error)"
+        log.info("command %s %s %s → %s in %.1fs", command_id, type_, session_id, outcome, time.monotonic() - started)
+        self._results[command_id] = answer
+        if len(self._results) > RESULT_CACHE_SIZE:
+            self._results.popitem(last=False)
+        self._unsent[command_id] = answer
+        self._trim_unsent()
+        await self._deliver(command_id)
+
+    def _trim_unsent(self) -> None:
+        while len(self._unsent) > UNSENT_LIMIT:
+            dropped, _ = self._unsent.popitem(last=False)
+            log.warning("dropping the unsent answer of command %s (the control plane will redeliver it)", dropped)
+
+    async def _deliver(self, command_id: str) -> None:
+        """Send one kept answer if connected; keep it for the next connection otherwise."""
+        ws = self._ws
+        if ws is None:
+            return
+        async with self._send_lock:
+            answer = self._unsent.get(command_id)
+            if answer is None or self._ws is not ws:
+                return
+            try:
+                await ws.send(protocol.encode(*answer))
+            except ConnectionClosed:
+                return
+            self._unsent.pop(command_id, None)
+
+    async def _flush_unsent(self) -> None:
+        for command_id in list(self._unsent):
+            await self._deliver(command_id)
+            if self._ws is None:
+                return
+
+    async def _in_thread(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run a blocking call in a daemon thread (a hung backend call never blocks exit);
+        at most ``max_workers`` at once."""
+        async with self._threads:
+            return await self._thread_call(fn, *args, **kwargs)
+
+    async def _thread_call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def target() -> None:
+            try:
+                outcome = (_set_result, fn(*args, **kwargs))
+            except BaseException as exc:  # handed to the awaiting task
+                outcome = (_set_exception, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is gone (process exiting)
+                loop.call_soon_threadsafe(outcome[0], future, outcome[1])
+
+        threading.Thread(target=target, name=f"backend-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+        return await future
+
+    async def _execute(self, type_: str, session_id: str, payload: dict) -> dict:
+        b = self.backend
+        if type_ == "list_sessions":
+            sessions = await self._in_thread(b.list_sessions)
+            self._sessions = list(sessions)
+            return {"sessions": [s.to_dict() for s in sessions]}
+        if not session_id:
+            raise BackendError(f"{type_} needs a session_id", retryable=False)
+        if type_ == "create_session":
+            spec = SessionSpec.from_payload(session_id, payload)
+            status = await self._in_thread(b.create, spec)
+        elif type_ == "terminate_session":
+            await self._in_thread(b.terminate, session_id, keep_home=bool(payload.get("keep_home")))
+            self._sessions = [s for s in self._sessions if s.session_id != session_id]
+            return {"session_id": session_id, "state": "terminated"}
+        elif type_ == "hibernate_session":
+            status = await self._in_thread(b.hibernate, session_id)
+        elif type_ == "wake_session":
+            status = await self._in_thread(b.wake, session_id)
+        elif type_ == "get_session":
+            status = await self._in_thread(b.status, session_id)
+        else:
+            raise BackendError(f"unknown command type {type_!r}", retryable=False)
+        self._remember(status)
+        return status.to_dict()
+
+    def _remember(self, status: SessionStatus) -> None:
+        others = [s for s in self._sessions if s.session_id != status.session_id]
+        self._sessions = [*others, status] if status.state != "missing" else others
+
+    # --- heartbeats and the session cache -------------------------------------------
+
+    def _capacity_payload(self) -> dict[str, Any]:
+        return {**self._capacity, "max_sessions": self.cfg.max_sessions}
+
+    async def _refresh_sessions(self) -> None:
+        """Refresh the session list and capacity from the backend, waiting at most
+        ``sessions_timeout``; on timeout the last known values stay (the refresh goes on)."""
+        if self._refresh is None or self._refresh.done():
+
+            def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
+                return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
+
+            self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
+            self._refresh.add_done_callback(self._refreshed)
+        done, _ = await asyncio.wait({self._refresh}, timeout=self.sessions_timeout)
+        if not done:
+            log.warning("backend slow to list sessions: reporting the last known list")
+
+    def _refreshed(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            log.warning("listing sessions failed: %s", exc)
+            return
+        self._sessions, self._capacity = future.result()
+
+    async def _send_heartbeat(self, *, fresh: bool = True) -> None:
+        if fresh:
+            await self._refresh_sessions()
+        await self._send(
+            "heartbeat",
+            {
+                "capacity": self._capacity_payload(),
+                "sessions": [{"session_id": s.session_id, "state": s.state} for s in self._sessions],
+                "status": "draining" if self.draining else "online",
+            },
+        )
+
+    async def _heartbeats(self) -> None:
+        interval = self.cfg.heartbeat_interval
+        next_at = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at + interval, time.monotonic())
+            await self._send_heartbeat()
+
+    # --- session events from backend.watch ------------------------------------------
+
+    def _start_watch(self) -> threading.Thread | None:
+        watch = getattr(self.backend, "watch", None)
+        if not callable(watch):
+            return None
+        loop = self._loop
+
+        def emit(status: SessionStatus) -> None:
+            with contextlib.suppress(RuntimeError):  # loop closed
+                loop.call_soon_threadsafe(self._on_event, status)
+
+        def target() -> None:
+            try:
+                watch(emit, self._watch_stop)
+            except Exception:
+                log.exception("backend watch stopped with an error")
+
+        thread = threading.Thread(target=target, name="backend-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def _on_event(self, status: SessionStatus) -> None:
+        if status.state not in protocol.REPORTED_STATES:
+            log.warning("backend reported session %s in unknown state %r", status.session_id, status.state)
+            return
+        if len(self._events) == self._events.maxlen:
+            log.warning("session event queue full: dropping the oldest event")
+        self._events.append(status)
+        self._remember(status)
+        self._event_ready.set()
+
+    async def _event_sender(self) -> None:
+        while True:
+            await self._event_ready.wait()
+            self._event_ready.clear()
+            while self._events and self._ws is not None:
+                status = self._events[0]
+                try:
+                    await self._send(
+                        "session_event",
+                        {"session_id": status.session_id, "state": status.state, "reason": status.detail or None},
+                    )
+                except (NotConnected, ConnectionClosed):
+                    break
+                if self._events and self._events[0] is status:
+                    self._events.popleft()
+                log.info("session %s is %s (event sent)", status.session_id, status.state)
+
+
+def _set_result(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+# --- entry point --------------------------------------------------------------------
+
+
+def _build(path: str, cfg: AgentConfig) -> Any:
+    cls = import_dotted(path)
+    from_config = getattr(cls, "from_config", None)
+    return from_config(cfg) if callable(from_config) else cls()
+
+
+def main(argv: list[str] | None = None, *, default_backend: str | None = None) -> int:
+    """Run an agent until SIGTERM/SIGINT. Returns the process exit code."""
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = parse_config(argv, default_backend=default_backend)
+        backend = _build(BACKENDS.get(cfg.backend, cfg.backend), cfg)
+        leadership = _build(LEADERSHIPS[cfg.ha_backend], cfg)
+    except ConfigError as exc:
+        print(f"streamspace-agent: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:
+        print(f"streamspace-agent: backend unavailable: {exc.message}", file=sys.stderr)
+        return 1
+    log.info(
+        "agent %s starting: backend %s (%s), region %s, leadership %s",
+        cfg.agent_id,
+        cfg.backend,
+        getattr(backend, "platform", "?"),
+        cfg.region or "-",
+        cfg.ha_backend,
+    )
+    try:
+        return asyncio.run(Agent(cfg, backend, leadership).run())
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: a file-backed stand-in backend and an echo/sink TCP server."""
