@@ -94,7 +94,7 @@ class Agent:
         self.max_workers = max_workers or max(4, min(32, cfg.max_sessions + 4))
         self.stable_after = STABLE_AFTER
         self.backoff_base = BACKOFF_BASE
-        self.sessions_timeout = max(0.5, min(5.0, cfg.heartbeat_interval / 2))
+        self.sessions_timeout = min(5.0, cfg.heartbeat_interval / 2)
 
         self._ws: ClientConnection | None = None
         self._send_lock: asyncio.Lock | None = None
@@ -575,13 +575,15 @@ class Agent:
     async def _refresh_sessions(self) -> None:
         """Refresh the session list and capacity from the backend, waiting at most
         ``sessions_timeout``; on timeout the last known values stay (the refresh goes on)."""
-        if self._refresh is None or self._refresh.done():
+        if self._refresh is not None and not self._refresh.done():
+            log.debug("backend still listing sessions: reporting the last known list")
+            return
 
-            def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
-                return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
+        def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
+            return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
 
-            self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
-            self._refresh.add_done_callback(self._refreshed)
+        self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
+        self._refresh.add_done_callback(self._refreshed)
         done, _ = await asyncio.wait({self._refresh}, timeout=self.sessions_timeout)
         if not done:
             log.warning("backend slow to list sessions: reporting the last known list")
