@@ -43,6 +43,15 @@ class Conn:
     close_code: int | None = None
     pending: list[protocol.Message] = field(default_factory=list)
     path: str = ""
+    # per tunnel: binary payloads, and tunnel_* control messages from the agent
+    tunnel_data: dict[int, asyncio.Queue] = field(default_factory=dict)
+    tunnel_msgs: dict[int, asyncio.Queue] = field(default_factory=dict)
+
+    def data_queue(self, tunnel_id: int) -> asyncio.Queue:
+        return self.tunnel_data.setdefault(tunnel_id, asyncio.Queue())
+
+    def msg_queue(self, tunnel_id: int) -> asyncio.Queue:
+        return self.tunnel_msgs.setdefault(tunnel_id, asyncio.Queue())
 
     async def send(self, type_: str, payload: dict[str, Any]) -> None:
         await self.ws.send(protocol.encode(type_, payload))
@@ -94,6 +103,77 @@ class Conn:
             raise RuntimeError(f"unexpected {type_}: {msg.payload}")
 
 
+class TunnelPeer:
+    """The control plane's end of one tunnel, obeying the agent's flow-control window."""
+
+    def __init__(self, conn: Conn, tunnel_id: int, session_id: str, window: int = protocol.TUNNEL_WINDOW):
+        self.conn, self.id, self.session_id, self.window = conn, tunnel_id, session_id, window
+        self.send_credit = window
+        self.credit_changed = asyncio.Event()
+        self.credits_received = 0
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.received = 0
+        self.unreported = 0
+        self.messages: list[protocol.Message] = []
+        self._pump = asyncio.create_task(self._control())
+
+    async def _control(self) -> None:
+        queue = self.conn.msg_queue(self.id)
+        while True:
+            msg = await queue.get()
+            self.messages.append(msg)
+            if msg.type == "tunnel_credit":
+                self.send_credit += msg.payload["bytes"]
+                self.credits_received += msg.payload["bytes"]
+                assert self.send_credit <= self.window, "agent granted more than was sent"
+                self.credit_changed.set()
+            elif msg.type in ("tunnel_ready", "tunnel_error") and not self.ready.done():
+                self.ready.set_result(msg)
+            elif msg.type == "tunnel_close" and not self.closed.done():
+                self.closed.set_result(msg.payload.get("reason"))
+
+    async def open(self, timeout: float = TIMEOUT) -> protocol.Message:
+        await self.conn.send("tunnel_open", {"tunnel_id": self.id, "session_id": self.session_id})
+        return await asyncio.wait_for(asyncio.shield(self.ready), timeout)
+
+    async def send(self, data: bytes, chunk: int = protocol.MAX_BINARY_PAYLOAD, timeout: float = 20) -> None:
+        view = memoryview(data)
+        for i in range(0, len(data), chunk):
+            piece = bytes(view[i : i + chunk])
+            while self.send_credit < len(piece):
+                self.credit_changed.clear()
+                await asyncio.wait_for(self.credit_changed.wait(), timeout)
+            self.send_credit -= len(piece)
+            await self.conn.send_raw(protocol.pack_data(self.id, piece))
+
+    async def grant(self, nbytes: int) -> None:
+        await self.conn.send("tunnel_credit", {"tunnel_id": self.id, "bytes": nbytes})
+
+    async def recv(self, n: int, *, auto_credit: bool = True, timeout: float = 20) -> bytes:
+        """Exactly ``n`` bytes (frames are not split across calls in these tests)."""
+        out = bytearray()
+        queue = self.conn.data_queue(self.id)
+        while len(out) < n:
+            data = await asyncio.wait_for(queue.get(), timeout)
+            assert len(data) <= protocol.MAX_BINARY_PAYLOAD
+            out += data
+            self.received += len(data)
+            if auto_credit:
+                self.unreported += len(data)
+                if self.unreported >= self.window // 4 or len(out) >= n:
+                    await self.grant(self.unreported)
+                    self.unreported = 0
+        assert len(out) == n, f"received {len(out)} bytes, expected {n}"
+        return bytes(out)
+
+    async def close(self, reason: str = "viewer left") -> None:
+        await self.conn.send("tunnel_close", {"tunnel_id": self.id, "reason": reason})
+
+    def stop(self) -> None:
+        self._pump.cancel()
+
+
 class FakeControlPlane:
     def __init__(self) -> None:
         self.connections: asyncio.Queue[Conn] = asyncio.Queue()
@@ -131,11 +211,15 @@ class FakeControlPlane:
         try:
             async for frame in ws:
                 if isinstance(frame, bytes):
-                    conn.binaries.put_nowait(protocol.unpack_data(frame))
+                    tunnel_id, data = protocol.unpack_data(frame)
+                    conn.data_queue(tunnel_id).put_nowait(data)
                 else:
                     msg = protocol.decode_agent_message(frame)  # the agent must send valid frames
                     conn.log.append(msg)
-                    conn.texts.put_nowait(msg)
+                    if msg.type.startswith("tunnel_"):
+                        conn.msg_queue(msg.payload["tunnel_id"]).put_nowait(msg)
+                    else:
+                        conn.texts.put_nowait(msg)
         except ConnectionClosed:
             pass
         finally:
