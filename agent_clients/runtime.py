@@ -69,8 +69,8 @@ class NotConnected(ConnectionError):
     """No control socket at the moment."""
 
 
-class _Stop(Exception):
-    pass
+class BackendUnavailable(RuntimeError):
+    """The backend cannot say what it holds: the agent does not connect yet."""
 
 
 class Agent:
@@ -120,6 +120,8 @@ class Agent:
         self._sessions: list[SessionStatus] = []
         self._capacity: dict[str, Any] = {"max_sessions": cfg.max_sessions}
         self._refresh: asyncio.Future | None = None
+        self.listed_once = False  # hello waits for one real listing: never report a guess
+        self.hello_list_timeout = 30.0
 
         # watch()
         self._events: collections.deque[SessionStatus] = collections.deque(maxlen=EVENT_QUEUE_LIMIT)
@@ -223,16 +225,17 @@ class Agent:
     async def _connection_loop(self) -> None:
         attempt = 0
         while not self._stop_connection.is_set():
-            if not await self._until_stopped(self.leadership.acquire()):
-                return
             started = time.monotonic()
             established = False
             try:
+                if not await self._until_stopped(self.leadership.acquire()):
+                    return
+                started = time.monotonic()
                 established = await self._serve_once()
-            except _Stop:
-                return
             except asyncio.CancelledError:
                 raise
+            except BackendUnavailable as exc:
+                log.error("%s", exc)
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 if status in (401, 403):
@@ -244,7 +247,7 @@ class Agent:
             except (OSError, TimeoutError) as exc:
                 log.warning("cannot connect to %s: %s", self._safe_url(), exc.__class__.__name__ + f" {exc}".rstrip())
             except Exception:
-                log.exception("connection to the control plane failed")
+                log.exception("connecting to the control plane failed")
             if self._stop_connection.is_set():
                 return
             if established and time.monotonic() - started > self.stable_after:
@@ -286,6 +289,12 @@ class Agent:
 
     async def _serve_once(self) -> bool:
         """Connect, say hello, serve until something ends the connection. True if hello went out."""
+        if not self.listed_once:
+            # The hello tells the control plane what this agent holds; sessions left out
+            # are reconciled as missing. So connect only once the backend has answered.
+            await self._refresh_sessions(self.hello_list_timeout)
+            if not self.listed_once:
+                raise BackendUnavailable("the backend has not listed its sessions yet: not connecting")
         self.connect_attempts += 1
         ws = await connect(
             self.cfg.connect_url,
@@ -305,7 +314,7 @@ class Agent:
         tasks: list[asyncio.Task] = []
         try:
             log.info("connected to %s", self._safe_url())
-            await self._refresh_sessions()
+            await self._refresh_sessions(min(10.0, self.hello_list_timeout))
             hello = {
                 "agent_id": self.cfg.agent_id,
                 "platform": self.backend.platform,
@@ -572,19 +581,21 @@ class Agent:
     def _capacity_payload(self) -> dict[str, Any]:
         return {**self._capacity, "max_sessions": self.cfg.max_sessions}
 
-    async def _refresh_sessions(self) -> None:
-        """Refresh the session list and capacity from the backend, waiting at most
-        ``sessions_timeout``; on timeout the last known values stay (the refresh goes on)."""
-        if self._refresh is not None and not self._refresh.done():
+    async def _refresh_sessions(self, timeout: float | None = None) -> None:
+        """Refresh the session list and capacity from the backend in a thread, waiting at
+        most ``timeout`` (heartbeats: ``sessions_timeout``, and not at all when a listing is
+        still running); on timeout the last known values stay and the listing goes on."""
+        if self._refresh is None or self._refresh.done():
+
+            def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
+                return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
+
+            self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
+            self._refresh.add_done_callback(self._refreshed)
+        elif timeout is None:
             log.debug("backend still listing sessions: reporting the last known list")
             return
-
-        def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
-            return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
-
-        self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
-        self._refresh.add_done_callback(self._refreshed)
-        done, _ = await asyncio.wait({self._refresh}, timeout=self.sessions_timeout)
+        done, _ = await asyncio.wait({self._refresh}, timeout=self.sessions_timeout if timeout is None else timeout)
         if not done:
             log.warning("backend slow to list sessions: reporting the last known list")
 
@@ -596,6 +607,7 @@ class Agent:
             log.warning("listing sessions failed: %s", exc)
             return
         self._sessions, self._capacity = future.result()
+        self.listed_once = True
 
     async def _send_heartbeat(self, *, fresh: bool = True) -> None:
         if fresh:

@@ -15,7 +15,7 @@ import pytest
 from agent_clients import protocol
 from agent_clients.backends.base import SessionStatus
 from agent_clients.runtime import backoff_delay
-from tests.agent.harness import FakeControlPlane, GatedBackend, create_payload, running_agent
+from tests.agent.harness import FakeControlPlane, Gate, GatedBackend, create_payload, running_agent
 from tests.support.file_backend import FileBackend
 
 pytestmark = pytest.mark.asyncio
@@ -239,3 +239,18 @@ async def test_bad_configuration_exits_2():
     _out, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 2
     assert err.decode().strip().count("\n") == 0 and "CONTROL_PLANE_URL" in err.decode()
+
+
+async def test_no_hello_before_the_backend_has_listed_its_sessions():
+    """Sessions missing from a hello are reconciled as gone: never report a guess."""
+    backend = GatedBackend([SessionStatus("s-1", "running")])
+    backend.list_gate = gate = Gate()
+    async with FakeControlPlane() as cp, running_agent(cp, backend, reconnect_cap=0.2) as agent:
+        agent.hello_list_timeout = 0.2
+        await gate.wait_entered()
+        with pytest.raises(TimeoutError):
+            await cp.accept(timeout=0.6)
+        gate.open()
+        conn = await cp.accept()
+        hello = await conn.expect("hello")
+        assert [s["session_id"] for s in hello.payload["sessions"]] == ["s-1"]
