@@ -28,4 +28,5 @@ urlpatterns = [
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("", include("sessions_app.urls")),
+    path("", include("vnc_app.urls")),
 ]

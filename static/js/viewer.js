@@ -1,0 +1,324 @@
+// The desktop viewer: noVNC (served locally from @novnc/novnc) over the StreamSpace
+// relay socket. It wakes a hibernated session, waits for one that is starting,
+// reconnects with exponential backoff when the link drops, and reports what it does
+// in #viewer-status (text + data-state) and in window.streamspaceViewer for tests.
+
+const config = JSON.parse(document.getElementById("viewer-config").textContent);
+const statusEl = document.getElementById("viewer-status");
+const screenEl = document.getElementById("screen");
+const screenWrap = screenEl.parentElement;
+
+// Start fetching noVNC at once, while the session's state is being looked at.
+const rfbModule = import(config.rfb_module_url);
+
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 10000;
+const GOOD_CONNECTION_MS = 5000; // a connection that lasted this long resets the backoff
+const POLL_MS = 1500;
+const SLOW_POLL_MS = 3000;
+const MAX_WAKES = 3; // wake requests without reaching "running" before giving up
+
+const viewer = {
+  state: "loading", // loading | waiting | waking | connecting | connected | disconnected | error | ended
+  connects: 0, // successful connects so far
+  sessionState: config.state,
+  closeCode: null,
+  closeReason: "",
+  message: "",
+  reconnect: () => reconnectNow(),
+};
+window.streamspaceViewer = viewer;
+
+let rfb = null;
+let timer = null; // the one pending step (poll or reconnect)
+let generation = 0; // bumped by a manual reconnect, so stale callbacks do nothing
+let backoff = BACKOFF_MIN_MS;
+let wakes = 0;
+
+// --- status ------------------------------------------------------------------------------
+
+function setStatus(state, text, link) {
+  viewer.state = state;
+  viewer.message = text;
+  statusEl.dataset.state = state;
+  statusEl.textContent = text;
+  if (link) {
+    const a = document.createElement("a");
+    a.href = link.href;
+    a.textContent = link.text;
+    statusEl.append(" ", a);
+  }
+}
+
+function later(ms, step) {
+  clearTimeout(timer);
+  const gen = generation;
+  timer = setTimeout(() => {
+    if (gen === generation) step();
+  }, ms);
+}
+
+function nextBackoff() {
+  const delay = backoff;
+  backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+  return delay;
+}
+
+function seconds(ms) {
+  return `${(ms / 1000).toLocaleString(undefined, { maximumFractionDigits: 1 })} s`;
+}
+
+function loginAgain() {
+  setStatus("error", "Your login has expired.", { href: config.login_url, text: "Log in again" });
+}
+
+// --- the session's state -----------------------------------------------------------------
+
+function csrfToken() {
+  const match = document.cookie.match(/(?:^|;\s*)csrftoken=([^;]+)/);
+  return match ? decodeURIComponent(match[1]) : config.csrf_token;
+}
+
+async function api(url, method = "GET") {
+  const headers = { Accept: "application/json" };
+  if (method !== "GET") headers["X-CSRFToken"] = csrfToken();
+  const response = await fetch(url, { method, headers, credentials: "same-origin" });
+  let body = {};
+  try {
+    body = await response.json();
+  } catch {
+    // an HTML error page: the status says enough
+  }
+  return { status: response.status, body };
+}
+
+// Look at the session and take the next step towards a connected desktop.
+async function settle() {
+  const gen = generation;
+  let res;
+  try {
+    res = await api(config.session_url);
+  } catch {
+    if (gen !== generation) return;
+    const delay = nextBackoff();
+    setStatus("disconnected", `Cannot reach StreamSpace. Retrying in ${seconds(delay)}…`);
+    later(delay, settle);
+    return;
+  }
+  if (gen !== generation) return;
+  if (res.status === 401 || res.status === 403) return loginAgain();
+  if (res.status === 404) return setStatus("error", "No such session.");
+  if (res.status !== 200) {
+    const delay = nextBackoff();
+    setStatus("disconnected", `StreamSpace answered ${res.status}. Retrying in ${seconds(delay)}…`);
+    later(delay, settle);
+    return;
+  }
+  act(res.body.state, res.body.error_message);
+}
+
+function act(state, errorMessage) {
+  viewer.sessionState = state;
+  switch (state) {
+    case "running":
+      return connect();
+    case "hibernated":
+      return wake();
+    case "pending":
+    case "starting":
+      setStatus("waiting", "Starting the desktop…");
+      return later(POLL_MS, settle);
+    case "waking":
+      setStatus("waking", "Waking the desktop…");
+      return later(POLL_MS, settle);
+    case "hibernating":
+      setStatus("waiting", "The desktop is hibernating; it will be woken when that is done…");
+      return later(POLL_MS, settle);
+    case "degraded":
+      setStatus("waiting", "The desktop's agent is not answering. Waiting for it to come back…");
+      return later(SLOW_POLL_MS, settle);
+    case "failed":
+      return setStatus("ended", `This session failed${errorMessage ? `: ${errorMessage}` : "."}`);
+    case "terminating":
+    case "terminated":
+      return setStatus("ended", "This session has ended.");
+    default:
+      setStatus("waiting", `The session is ${state}. Waiting…`);
+      return later(SLOW_POLL_MS, settle);
+  }
+}
+
+async function wake() {
+  if (wakes >= MAX_WAKES) {
+    return setStatus("error", "The desktop did not wake up. Try again later (Reconnect).");
+  }
+  wakes += 1;
+  const gen = generation;
+  setStatus("waking", "Waking the desktop…");
+  let res;
+  try {
+    res = await api(config.wake_url, "POST");
+  } catch {
+    if (gen !== generation) return;
+    wakes -= 1;
+    const delay = nextBackoff();
+    setStatus("disconnected", `Cannot reach StreamSpace. Retrying in ${seconds(delay)}…`);
+    return later(delay, settle);
+  }
+  if (gen !== generation) return;
+  if (res.status === 202 || res.status === 409) {
+    // 409: someone else moved the session meanwhile; look again.
+    return later(POLL_MS, settle);
+  }
+  if (res.status === 401) return loginAgain();
+  if (res.status === 404) return setStatus("error", "No such session.");
+  const detail = res.body.detail || `HTTP ${res.status}`;
+  setStatus("error", `Cannot wake the desktop: ${detail}`);
+}
+
+// --- the connection ----------------------------------------------------------------------
+
+async function connect() {
+  const gen = generation;
+  setStatus("connecting", "Connecting…");
+  let RFB;
+  try {
+    RFB = (await rfbModule).default;
+  } catch (err) {
+    return setStatus("error", `Could not load the viewer (noVNC): ${err.message}`);
+  }
+  if (gen !== generation) return;
+
+  // Our own socket, handed to noVNC, so the close code and reason can be read.
+  const socket = new WebSocket(config.ws_url, ["binary"]);
+  let closed = null;
+  socket.addEventListener("close", (e) => {
+    closed = { code: e.code, reason: e.reason };
+  });
+
+  const client = new RFB(screenEl, socket, { credentials: { password: config.password } });
+  rfb = client;
+  client.scaleViewport = true;
+  client.resizeSession = false;
+  client.focusOnClick = true;
+
+  let goodTimer = null;
+  let securityFailure = null;
+  client.addEventListener("credentialsrequired", () => client.sendCredentials({ password: config.password }));
+  client.addEventListener("securityfailure", (e) => {
+    securityFailure = e.detail;
+  });
+  client.addEventListener("desktopname", (e) => {
+    if (e.detail.name) document.title = `${e.detail.name} · StreamSpace`;
+  });
+  client.addEventListener("connect", () => {
+    if (gen !== generation) return;
+    viewer.connects += 1;
+    viewer.closeCode = null;
+    viewer.closeReason = "";
+    wakes = 0;
+    setStatus("connected", "Connected.");
+    client.focus();
+    goodTimer = setTimeout(() => {
+      backoff = BACKOFF_MIN_MS;
+    }, GOOD_CONNECTION_MS);
+  });
+  client.addEventListener("disconnect", () => {
+    clearTimeout(goodTimer);
+    if (rfb === client) rfb = null;
+    if (gen !== generation) return; // a reconnect we asked for
+    dropped(closed, securityFailure);
+  });
+}
+
+function dropped(closed, securityFailure) {
+  const code = closed ? closed.code : null;
+  const reason = closed && closed.reason ? closed.reason : "";
+  viewer.closeCode = code;
+  viewer.closeReason = reason;
+  if (securityFailure) {
+    const why = securityFailure.reason || "authentication failed";
+    return setStatus("error", `The desktop refused the connection: ${why}.`);
+  }
+  if (code === 4401) return loginAgain();
+  if (code === 4404) return setStatus("error", "No such session (it ended, or it is not yours).");
+  const delay = nextBackoff();
+  const retry = `Reconnecting in ${seconds(delay)}…`;
+  const because = reason ? ` (${reason})` : "";
+  let text;
+  switch (code) {
+    case 4503:
+      text = `The desktop is not available${because}. ${retry}`;
+      break;
+    case 4001:
+      text = `The desktop went away${because}. ${retry}`;
+      break;
+    case 4413:
+      text = `Too much data for the connection${because}. ${retry}`;
+      break;
+    default:
+      text = `Connection lost${code ? ` (code ${code}${reason ? `: ${reason}` : ""})` : ""}. ${retry}`;
+  }
+  setStatus("disconnected", text);
+  later(delay, settle);
+}
+
+function reconnectNow() {
+  generation += 1;
+  clearTimeout(timer);
+  backoff = BACKOFF_MIN_MS;
+  wakes = 0;
+  if (rfb) {
+    const old = rfb;
+    rfb = null;
+    old.disconnect();
+  }
+  settle();
+}
+
+// --- controls ----------------------------------------------------------------------------
+
+function toggleFullscreen() {
+  if (document.fullscreenElement) {
+    document.exitFullscreen();
+  } else if (screenWrap.requestFullscreen) {
+    screenWrap.requestFullscreen().catch(() => {});
+  }
+  if (rfb) rfb.focus();
+}
+
+const SHORTCUTS = { KeyF: toggleFullscreen, KeyR: reconnectNow };
+const swallowed = new Set();
+
+// Capture phase, before noVNC's handlers on the canvas see the key.
+window.addEventListener(
+  "keydown",
+  (e) => {
+    if (!(e.ctrlKey && e.altKey && e.shiftKey && SHORTCUTS[e.code])) return;
+    e.preventDefault();
+    e.stopImmediatePropagation();
+    swallowed.add(e.code);
+    if (!e.repeat) SHORTCUTS[e.code]();
+  },
+  true,
+);
+window.addEventListener(
+  "keyup",
+  (e) => {
+    if (!swallowed.delete(e.code)) return;
+    e.preventDefault();
+    e.stopImmediatePropagation();
+  },
+  true,
+);
+
+document.getElementById("viewer-fullscreen").addEventListener("click", toggleFullscreen);
+document.getElementById("viewer-reconnect").addEventListener("click", reconnectNow);
+document.getElementById("viewer-ctrl-alt-del").addEventListener("click", () => {
+  if (rfb) {
+    rfb.sendCtrlAltDel();
+    rfb.focus();
+  }
+});
+
+act(config.state, config.error_message);

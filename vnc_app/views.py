@@ -1,0 +1,42 @@
+"""The viewer page: noVNC in the browser, talking to ``WS /api/v1/vnc/<session_id>``."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.middleware.csrf import get_token
+from django.shortcuts import render
+from django.templatetags.static import static
+from django.urls import reverse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from sessions_app import selectors
+from streamspace.errors import NotFound
+
+
+@never_cache  # the page carries the session's VNC password: no cache may keep it
+@login_required
+@require_GET
+def viewer(request, session_id):
+    try:
+        session = selectors.session_get_for_user(user=request.user, session_id=session_id)
+    except NotFound:
+        raise Http404("no such session") from None
+    scheme = "wss" if request.is_secure() else "ws"
+    config = {
+        "session_id": str(session.pk),
+        "template": session.template.name,
+        "state": session.state,
+        "error_message": session.error_message or "",
+        "ws_url": f"{scheme}://{request.get_host()}/api/v1/vnc/{session.pk}",
+        # The user never types it: noVNC answers the desktop's VNC challenge with it.
+        "password": session.vnc_password,
+        "session_url": reverse("session", args=[session.pk]),
+        "wake_url": reverse("session-wake", args=[session.pk]),
+        "csrf_token": get_token(request),
+        "rfb_module_url": static("novnc/core/rfb.js"),
+        "login_url": reverse("portal:login") + f"?next={request.path}",
+        "portal_url": reverse("portal:home"),
+    }
+    return render(request, "vnc/viewer.html", {"session": session, "viewer_config": config})
