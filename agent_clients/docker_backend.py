@@ -1,0 +1,523 @@
+"""Docker backend: one container, one bridge network and one home volume per session.
+
+Names are deterministic (``ss-<session>``, ``ss-<session>-net``, ``ss-<session>-home``) and
+every object carries the labels ``streamspace.managed``, ``streamspace.session``,
+``streamspace.owner`` and ``streamspace.agent``, so the engine itself is the source of
+truth after an agent restart. The VNC port is published on 127.0.0.1 only, on an
+ephemeral host port. Hibernate = ``docker stop`` (home and network stay); wake = start.
+
+Every method blocks (docker SDK); the runtime calls them from threads. Errors are
+:class:`BackendError` with ``retryable`` telling whether trying again can help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+
+from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "streamspace.managed"
+LABEL_SESSION = "streamspace.session"
+LABEL_OWNER = "streamspace.owner"
+LABEL_AGENT = "streamspace.agent"
+LABEL_VNC_PORT = "streamspace.vnc_port"  # the container-side VNC port (templates may differ)
+
+MIN_MEMORY_MB = 64
+# The session id becomes part of Docker object names: keep it to what Docker accepts.
+_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
+# Exit codes of a container we stopped: 0 (our entrypoint traps SIGTERM) or 143 (128+SIGTERM).
+_CLEAN_STOP_CODES = frozenset({0, 143})
+
+
+def container_name(session_id: str) -> str:
+    return f"ss-{session_id}"
+
+
+def network_name(session_id: str) -> str:
+    return f"ss-{session_id}-net"
+
+
+def volume_name(session_id: str) -> str:
+    return f"ss-{session_id}-home"
+
+
+def rfb_banner(host: str, port: int, timeout: float = 1.0) -> bytes | None:
+    """The 12-byte RFB ProtocolVersion banner the server sends first, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            data = b""
+            while len(data) < 12:
+                chunk = sock.recv(12 - len(data))
+                if not chunk:
+                    return None
+                data += chunk
+            return data if data.startswith(b"RFB 003.") else None
+    except OSError:
+        return None
+
+
+class DockerBackend(Backend):
+    platform = "docker"
+
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        *,
+        agent_id: str,
+        max_sessions: int = 10,
+        rfb_timeout: float = 30.0,
+        stop_timeout: int = 10,
+    ) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.max_sessions = max_sessions
+        self.rfb_timeout = rfb_timeout
+        self.stop_timeout = stop_timeout
+        # Sessions this process stopped or removed on purpose: their "die" events are not
+        # news for watch(). Cleared when the session starts again.
+        self._expected_stops: set[str] = set()
+        self._lock = threading.Lock()
+        self._host_info: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DockerBackend:
+        """Connect to the engine named by DOCKER_HOST (or the local socket)."""
+        try:
+            client = docker.from_env()
+            client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise BackendError("Docker engine unreachable", retryable=True, detail=str(exc)) from None
+        return cls(client, agent_id=cfg.agent_id, max_sessions=cfg.max_sessions)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _labels(self, session_id: str, owner: str) -> dict[str, str]:
+        return {
+            LABEL_MANAGED: "true",
+            LABEL_SESSION: session_id,
+            LABEL_OWNER: owner,
+            LABEL_AGENT: self.agent_id,
+        }
+
+    def _ours(self, labels: dict[str, str] | None, session_id: str) -> bool:
+        labels = labels or {}
+        return (
+            labels.get(LABEL_MANAGED) == "true"
+            and labels.get(LABEL_SESSION) == session_id
+            and labels.get(LABEL_AGENT) == self.agent_id
+        )
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one SDK call, turning transport and server errors into BackendError
+        (NotFound passes through for the caller to decide)."""
+        try:
+            return fn(*args, **kwargs)
+        except docker.errors.NotFound:
+            raise
+        except docker.errors.APIError as exc:
+            code = exc.status_code or 500
+            raise BackendError(
+                f"Docker refused to {what}: {exc.explanation or exc}",
+                retryable=code >= 500 or code in (408, 409, 429),
+                detail=str(exc),
+            ) from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
+            raise BackendError("Docker engine unreachable", retryable=True, detail=f"{what}: {exc}") from None
+
+    def _get_container(self, session_id: str) -> Any | None:
+        try:
+            return self._call("inspect the container", self.client.containers.get, container_name(session_id))
+        except docker.errors.NotFound:
+            return None
+
+    def _check_id(self, session_id: str) -> None:
+        if not _SESSION_ID.match(session_id or ""):
+            raise BackendError(f"invalid session id {session_id!r}", retryable=False)
+
+    def _host(self) -> dict[str, Any]:
+        if self._host_info is None:
+            info = self._call("read the engine info", self.client.info)
+            self._host_info = {"cpu": int(info.get("NCPU") or 0), "memory_mb": int(info.get("MemTotal") or 0) >> 20}
+        return self._host_info
+
+    @staticmethod
+    def _host_port(container: Any) -> int | None:
+        port = (container.labels or {}).get(LABEL_VNC_PORT, "5901")
+        bindings = (container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        for binding in bindings.get(f"{port}/tcp") or []:
+            if binding.get("HostIp") in ("127.0.0.1", "") and binding.get("HostPort"):
+                return int(binding["HostPort"])
+        return None
+
+    def _status_of(self, container: Any) -> SessionStatus:
+        sid = container.labels.get(LABEL_SESSION, "")
+        state = container.attrs.get("State") or {}
+        status = state.get("Status", container.status)
+        if status == "running":
+            port = self._host_port(container)
+            return SessionStatus(sid, "running", vnc_host="127.0.0.1" if port else None, vnc_port=port)
+        if status in ("created", "restarting"):
+            return SessionStatus(sid, "starting")
+        if status in ("exited", "dead"):
+            code = state.get("ExitCode")
+            with self._lock:
+                stopped_by_us = sid in self._expected_stops
+            if stopped_by_us or (code in _CLEAN_STOP_CODES and not state.get("OOMKilled")):
+                return SessionStatus(sid, "hibernated")
+            reason = "killed: out of memory" if state.get("OOMKilled") else f"container exited with code {code}"
+            return SessionStatus(sid, "failed", detail=reason)
+        if status == "paused":
+            return SessionStatus(sid, "stopped", detail="container paused")
+        return SessionStatus(sid, "failed", detail=f"container state {status}")
+
+    def _wait_ready(self, container: Any, timeout: float) -> SessionStatus:
+        """Wait until the container runs and its published VNC port answers an RFB banner."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            self._call("inspect the container", container.reload)
+            state = container.attrs.get("State") or {}
+            if state.get("Status") in ("exited", "dead"):
+                logs = b""
+                with contextlib.suppress(docker.errors.DockerException):
+                    logs = container.logs(tail=5)
+                tail = logs.decode("utf-8", "replace").strip().splitlines()
+                raise BackendError(
+                    f"session container exited with code {state.get('ExitCode')} during start-up"
+                    + (f": {tail[-1][:300]}" if tail else ""),
+                    retryable=False,
+                    detail=logs.decode("utf-8", "replace"),
+                )
+            port = self._host_port(container)
+            if state.get("Status") == "running" and port and rfb_banner("127.0.0.1", port, timeout=1.0):
+                return SessionStatus(container.labels[LABEL_SESSION], "running", vnc_host="127.0.0.1", vnc_port=port)
+            if time.monotonic() >= deadline:
+                raise BackendError(
+                    f"VNC server did not answer within {timeout:.0f}s",
+                    retryable=True,
+                    detail=f"container {container.name} state {state.get('Status')} port {port}",
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _start(self, container: Any) -> SessionStatus:
+        with self._lock:
+            self._expected_stops.discard(container.labels.get(LABEL_SESSION, ""))
+        self._call("start the container", container.start)
+        return self._wait_ready(container, self.rfb_timeout)
+
+    def _validate(self, spec: SessionSpec) -> None:
+        self._check_id(spec.session_id)
+        if not spec.image:
+            raise BackendError("the template names no image", retryable=False)
+        if not spec.vnc_password:
+            raise BackendError("no VNC password given: refusing to run an open VNC server", retryable=False)
+        if not 0 < spec.vnc_port < 65536:
+            raise BackendError(f"invalid VNC port {spec.vnc_port}", retryable=False)
+        host = self._host()
+        if not spec.cpu > 0 or (host["cpu"] and spec.cpu > host["cpu"]):
+            raise BackendError(
+                f"CPU limit {spec.cpu} is outside 0 < cpu <= {host['cpu']} (this host's cores)", retryable=False
+            )
+        if spec.memory_mb < MIN_MEMORY_MB or (host["memory_mb"] and spec.memory_mb > host["memory_mb"]):
+            raise BackendError(
+                f"memory limit {spec.memory_mb} MB is outside {MIN_MEMORY_MB}..{host['memory_mb']} MB",
+                retryable=False,
+            )
+        if not os.path.isabs(spec.home_path):
+            raise BackendError(f"home path {spec.home_path!r} is not absolute", retryable=False)
+
+    # --- Backend interface ---------------------------------------------------------
+
+    def create(self, spec: SessionSpec) -> SessionStatus:
+        self._validate(spec)
+        sid = spec.session_id
+        existing = self._get_container(sid)
+        if existing is not None:
+            if not self._ours(existing.labels, sid):
+                raise BackendError(
+                    f"name collision: a container named {container_name(sid)} exists that is not this session's",
+                    retryable=False,
+                )
+            if existing.status == "running":
+                return self._wait_ready(existing, self.rfb_timeout)
+            return self._start(existing)
+
+        held = self._call(
+            "list containers",
+            self.client.containers.list,
+            all=True,
+            filters={"label": f"{LABEL_AGENT}={self.agent_id}"},
+        )
+        held = [c for c in held if (c.labels or {}).get(LABEL_MANAGED) == "true"]
+        if len(held) >= self.max_sessions:
+            raise BackendError(
+                f"this agent holds {len(held)} sessions, its maximum is {self.max_sessions}", retryable=False
+            )
+        try:
+            self._call("inspect the image", self.client.images.get, spec.image)
+        except docker.errors.NotFound:
+            raise BackendError(
+                f"image {spec.image} is not present on this Docker host (the agent does not pull images)",
+                retryable=False,
+            ) from None
+
+        made: list[Any] = []  # what this call created, removed again if it fails
+        labels = self._labels(sid, spec.owner)
+        try:
+            network = self._own_or_make(
+                "network",
+                network_name(sid),
+                sid,
+                lambda: self.client.networks.get(network_name(sid)),
+                lambda: self.client.networks.create(network_name(sid), driver="bridge", labels=labels),
+                made,
+            )
+            volume = self._own_or_make(
+                "volume",
+                volume_name(sid),
+                sid,
+                lambda: self.client.volumes.get(volume_name(sid)),
+                lambda: self.client.volumes.create(volume_name(sid), labels=labels),
+                made,
+            )
+            env = {**spec.env, "VNC_PASSWORD": spec.vnc_password}
+            container = self._call(
+                "create the container",
+                self.client.containers.create,
+                spec.image,
+                name=container_name(sid),
+                labels={**labels, LABEL_VNC_PORT: str(spec.vnc_port)},
+                environment=env,
+                nano_cpus=int(spec.cpu * 1e9),
+                mem_limit=f"{spec.memory_mb}m",
+                memswap_limit=f"{spec.memory_mb}m",
+                ports={f"{spec.vnc_port}/tcp": ("127.0.0.1", None)},
+                volumes={volume.name: {"bind": spec.home_path, "mode": "rw"}},
+                network=network.name,
+                hostname="streamspace",
+                security_opt=["no-new-privileges"],
+                pids_limit=2048,
+                detach=True,
+            )
+            made.append(container)
+            return self._start(container)
+        except BaseException as exc:
+            self._undo(made, sid)
+            if isinstance(exc, docker.errors.ImageNotFound):
+                raise BackendError(f"image {spec.image} is not present on this Docker host", retryable=False) from None
+            raise
+
+    def _own_or_make(
+        self,
+        kind: str,
+        name: str,
+        sid: str,
+        get: Callable[[], Any],
+        make: Callable[[], Any],
+        made: list[Any],
+    ) -> Any:
+        """Reuse our leftover object of that name (an interrupted create), refuse a foreign one."""
+        try:
+            obj = self._call(f"inspect the {kind}", get)
+        except docker.errors.NotFound:
+            obj = None
+        if obj is not None:
+            if not self._ours(obj.attrs.get("Labels"), sid):
+                raise BackendError(
+                    f"name collision: a {kind} named {name} exists that is not this session's", retryable=False
+                )
+            return obj
+        obj = self._call(f"create the {kind}", make)
+        made.append(obj)
+        return obj
+
+    def _undo(self, made: list[Any], sid: str) -> None:
+        with self._lock:
+            self._expected_stops.add(sid)
+        for obj in reversed(made):
+            try:
+                if isinstance(obj, Container):
+                    obj.remove(force=True)
+                else:
+                    obj.remove()
+            except docker.errors.NotFound:
+                pass
+            except Exception:
+                log.exception("could not remove %s after a failed create", getattr(obj, "name", obj))
+
+    def terminate(self, session_id: str, *, keep_home: bool = False) -> None:
+        self._check_id(session_id)
+        with self._lock:
+            self._expected_stops.add(session_id)
+        container = self._get_container(session_id)
+        if container is not None:
+            if self._ours(container.labels, session_id):
+                with contextlib.suppress(docker.errors.NotFound):
+                    self._call("remove the container", container.remove, force=True)
+            else:
+                log.warning("not removing %s: it is not this session's container", container.name)
+        self._remove_owned("network", network_name(session_id), session_id, self.client.networks.get)
+        if not keep_home:
+            self._remove_owned("volume", volume_name(session_id), session_id, self.client.volumes.get)
+
+    def _remove_owned(self, kind: str, name: str, sid: str, get: Callable[[str], Any]) -> None:
+        for attempt in range(5):
+            try:
+                obj = self._call(f"inspect the {kind}", get, name)
+                if not self._ours(obj.attrs.get("Labels"), sid):
+                    log.warning("not removing %s %s: it is not this session's", kind, name)
+                    return
+                self._call(f"remove the {kind}", obj.remove)
+                return
+            except docker.errors.NotFound:
+                return
+            except BackendError as exc:
+                # "in use" right after the container went away: the engine catches up.
+                if not exc.retryable or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def hibernate(self, session_id: str) -> SessionStatus:
+        self._check_id(session_id)
+        container = self._require(session_id)
+        with self._lock:
+            self._expected_stops.add(session_id)
+        if container.status in ("running", "restarting", "paused"):
+            try:
+                self._call("stop the container", container.stop, timeout=self.stop_timeout)
+            except docker.errors.NotFound:
+                raise BackendError(f"session {session_id} not found", retryable=False) from None
+        return SessionStatus(session_id, "hibernated")
+
+    def wake(self, session_id: str) -> SessionStatus:
+        self._check_id(session_id)
+        container = self._require(session_id)
+        if container.status == "running":
+            return self._wait_ready(container, self.rfb_timeout)
+        return self._start(container)
+
+    def _require(self, session_id: str) -> Any:
+        container = self._get_container(session_id)
+        if container is None or not self._ours(container.labels, session_id):
+            raise BackendError(f"session {session_id} not found on this Docker host", retryable=False)
+        return container
+
+    def status(self, session_id: str) -> SessionStatus:
+        self._check_id(session_id)
+        container = self._get_container(session_id)
+        if container is None or not self._ours(container.labels, session_id):
+            return SessionStatus(session_id, "missing")
+        return self._status_of(container)
+
+    def list_sessions(self) -> list[SessionStatus]:
+        containers = self._call(
+            "list containers",
+            self.client.containers.list,
+            all=True,
+            filters={"label": [f"{LABEL_AGENT}={self.agent_id}", f"{LABEL_MANAGED}=true"]},
+        )
+        out = []
+        for c in containers:
+            sid = (c.labels or {}).get(LABEL_SESSION, "")
+            if sid and c.name == container_name(sid):
+                out.append(self._status_of(c))
+        return sorted(out, key=lambda s: s.session_id)
+
+    def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
+        container = self._require(session_id)
+        port = self._host_port(container) if container.status == "running" else None
+        if port is None:
+            raise BackendError(f"session {session_id} is not running", retryable=True)
+        return "127.0.0.1", port
+
+    def capacity(self) -> dict[str, Any]:
+        host = self._host()
+        return {"cpu": host["cpu"], "memory_mb": host["memory_mb"], "max_sessions": self.max_sessions}
+
+    # --- events ------------------------------------------------------------------
+
+    def watch(
+        self,
+        emit: Callable[[SessionStatus], None],
+        stop: threading.Event,
+        *,
+        since: float | None = None,
+        window: float = 0.5,
+    ) -> None:
+        """Report containers of this agent that die without hibernate/terminate.
+
+        Reads the engine's event stream in short contiguous windows (since/until), so it
+        notices ``stop`` within about ``window`` seconds and never loses events between
+        windows; the engine replays the gap after an engine hiccup.
+        """
+        since = time.time() if since is None else since
+        seen: dict[tuple[str, int, str], float] = {}
+        backoff = 0.5
+        while not stop.is_set():
+            until = time.time() + window
+            try:
+                stream = self.client.api.events(
+                    since=f"{since:.9f}",
+                    until=f"{until:.9f}",
+                    decode=True,
+                    filters={"type": "container", "event": "die", "label": [f"{LABEL_AGENT}={self.agent_id}"]},
+                )
+                try:
+                    for event in stream:
+                        key = (event.get("id", ""), int(event.get("timeNano") or 0), event.get("Action", ""))
+                        if key in seen:
+                            continue
+                        seen[key] = until
+                        self._on_die(event, emit)
+                        if stop.is_set():
+                            break
+                finally:
+                    stream.close()
+                since = until - 0.001  # overlap by a millisecond; `seen` drops the duplicates
+                seen = {k: t for k, t in seen.items() if t > since - 5}
+                backoff = 0.5
+            except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+                log.warning("docker events: %s (retrying)", exc)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _on_die(self, event: dict[str, Any], emit: Callable[[SessionStatus], None]) -> None:
+        attrs = (event.get("Actor") or {}).get("Attributes") or {}
+        sid = attrs.get(LABEL_SESSION, "")
+        if attrs.get(LABEL_MANAGED) != "true" or not sid or attrs.get("name") != container_name(sid):
+            return
+        with self._lock:
+            if sid in self._expected_stops:
+                return
+        container = self._get_container_quiet(sid)
+        if container is None or container.status == "running":
+            return  # removed on purpose, or already started again
+        code = attrs.get("exitCode", "?")
+        state = "stopped" if code == "0" else "failed"
+        emit(SessionStatus(sid, state, detail=f"container exited with code {code}"))
+
+    def _get_container_quiet(self, sid: str) -> Any | None:
+        try:
+            return self._get_container(sid)
+        except BackendError:
+            return None
