@@ -70,3 +70,67 @@ def handshake(host: str, port: int, password: str, timeout: float = 5.0) -> tupl
         (name_length,) = struct.unpack(">I", _recv_exactly(sock, 4))
         name = _recv_exactly(sock, name_length).decode(errors="replace")
         return width, height, name
+
+
+class Viewer:
+    """A logged-in RFB connection that can read the framebuffer (raw encoding) and type."""
+
+    def __init__(self, host: str, port: int, password: str, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(timeout)
+        try:
+            self._login(password)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _login(self, password: str) -> None:
+        s = self.sock
+        _recv_exactly(s, 12)
+        s.sendall(b"RFB 003.008\n")
+        (count,) = struct.unpack("B", _recv_exactly(s, 1))
+        if 2 not in _recv_exactly(s, count):
+            raise RFBError("no VncAuth")
+        s.sendall(b"\x02")
+        s.sendall(vnc_auth_response(password, _recv_exactly(s, 16)))
+        if struct.unpack(">I", _recv_exactly(s, 4))[0] != 0:
+            raise RFBError("authentication failed")
+        s.sendall(b"\x01")
+        self.width, self.height = struct.unpack(">HH", _recv_exactly(s, 4))
+        self.bpp = _recv_exactly(s, 16)[0] // 8
+        (n,) = struct.unpack(">I", _recv_exactly(s, 4))
+        _recv_exactly(s, n)
+        s.sendall(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
+
+    def frame(self) -> bytes:
+        """One full (non-incremental) framebuffer, rectangles concatenated in order."""
+        self.sock.sendall(struct.pack(">BBHHHH", 3, 0, 0, 0, self.width, self.height))
+        while True:
+            (kind,) = struct.unpack("B", _recv_exactly(self.sock, 1))
+            if kind == 0:
+                break
+            if kind == 2:  # Bell
+                continue
+            if kind == 3:  # ServerCutText
+                _recv_exactly(self.sock, 3)
+                (n,) = struct.unpack(">I", _recv_exactly(self.sock, 4))
+                _recv_exactly(self.sock, n)
+                continue
+            raise RFBError(f"unexpected server message {kind}")
+        _recv_exactly(self.sock, 1)
+        (rects,) = struct.unpack(">H", _recv_exactly(self.sock, 2))
+        out = []
+        for _ in range(rects):
+            _x, _y, w, h, enc = struct.unpack(">HHHHi", _recv_exactly(self.sock, 12))
+            if enc != 0:
+                raise RFBError(f"unexpected encoding {enc}")
+            out.append(_recv_exactly(self.sock, w * h * self.bpp))
+        return b"".join(out)
+
+    def type(self, text: str) -> None:
+        for ch in text:
+            keysym = 0xFF0D if ch == "\n" else ord(ch)
+            self.sock.sendall(struct.pack(">BBxxI", 4, 1, keysym) + struct.pack(">BBxxI", 4, 0, keysym))
+
+    def close(self) -> None:
+        self.sock.close()

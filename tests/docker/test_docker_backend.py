@@ -9,10 +9,10 @@ import time
 import docker
 import pytest
 
-from agent_clients.backends.base import BackendError
+from agent_clients.backends.base import BackendError, SessionSpec
 from agent_clients.docker_backend import DockerBackend, container_name, network_name, volume_name
 from tests.docker.conftest import IMAGE
-from tests.docker.rfb import RFBError, handshake
+from tests.docker.rfb import RFBError, Viewer, handshake
 
 pytestmark = pytest.mark.docker
 
@@ -229,3 +229,58 @@ def test_watch_reports_a_killed_container_but_not_a_hibernated_one(backend, dock
     assert not watcher.is_alive()
     assert time.monotonic() - t0 < 2
     assert events.empty()
+
+
+def _stable_frame(viewer: Viewer, timeout: float) -> bytes:
+    """Poll full frames until two in a row are equal (the desktop has settled)."""
+    deadline = time.monotonic() + timeout
+    last = viewer.frame()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = viewer.frame()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the desktop never settled")
+
+
+def test_typing_reaches_the_focused_terminal(backend, docker_client, new_session):
+    """What the browser test relies on: the xterm is up and has the keyboard focus."""
+    spec = new_session()
+    status = backend.create(spec)
+    c = docker_client.containers.get(container_name(spec.session_id))
+    deadline = time.monotonic() + 15
+    while c.exec_run(["pgrep", "-x", "xterm"]).exit_code != 0:
+        assert time.monotonic() < deadline, "no xterm on the desktop"
+        time.sleep(0.1)
+    viewer = Viewer("127.0.0.1", status.vnc_port, spec.vnc_password)
+    try:
+        assert (viewer.width, viewer.height) == (1280, 800)
+        before = _stable_frame(viewer, 15)
+        viewer.type("echo typed-into-the-desktop\n")
+        deadline = time.monotonic() + 10
+        while viewer.frame() == before:
+            assert time.monotonic() < deadline, "typing did not change the picture"
+            time.sleep(0.1)
+    finally:
+        viewer.close()
+    rc, _ = c.exec_run(["sh", "-c", "test -d /proc/$(pgrep -x xterm)"])
+    assert rc == 0
+
+
+def test_engine_unreachable_is_retryable(monkeypatch, agent_id):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    from agent_clients.config import AgentConfig
+
+    with pytest.raises(BackendError, match="unreachable") as err:
+        DockerBackend.from_config(AgentConfig(agent_id=agent_id, control_plane_url="ws://127.0.0.1:1", token="t"))
+    assert err.value.retryable is True
+    offline = DockerBackend(
+        docker.DockerClient(base_url="unix:///nonexistent/docker.sock", version="1.41"), agent_id=agent_id
+    )
+    with pytest.raises(BackendError, match="unreachable") as err:
+        offline.list_sessions()
+    assert err.value.retryable is True
+    with pytest.raises(BackendError) as err:
+        offline.create(SessionSpec(session_id="x1", owner="a", image=IMAGE, vnc_password="pw", cpu=0.5, memory_mb=256))
+    assert err.value.retryable is True
