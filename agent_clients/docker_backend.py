@@ -379,6 +379,9 @@ class DockerBackend(Backend):
         self._remove_owned("network", network_name(session_id), session_id, self.client.networks.get)
         if not keep_home:
             self._remove_owned("volume", volume_name(session_id), session_id, self.client.volumes.get)
+        with self._lock:
+            # A late "die" event finds no container and is dropped: no need to remember the id.
+            self._expected_stops.discard(session_id)
 
     def _remove_owned(self, kind: str, name: str, sid: str, get: Callable[[str], Any]) -> None:
         for attempt in range(5):

@@ -72,6 +72,7 @@ find "$ROOTFS/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -ex
 step "    rootfs: $(du -sh --one-file-system "$ROOTFS" | cut -f1)"
 
 step "4/4 docker import as $TAG"
+previous=$(docker image inspect -f '{{.Id}}' "$TAG" 2>/dev/null || true)
 tar --numeric-owner -C "$ROOTFS" -c . | docker import \
     --change 'ENTRYPOINT ["/usr/local/bin/streamspace-desktop"]' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -84,4 +85,8 @@ tar --numeric-owner -C "$ROOTFS" -c . | docker import \
     --message "streamspace desktop (debootstrap bookworm minbase)" \
     - "$TAG" >/dev/null
 size=$(docker image inspect -f '{{.Size}}' "$TAG")
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$TAG")" ]; then
+    # The superseded build (now untagged); kept if a container still uses it.
+    docker image rm "$previous" >/dev/null 2>&1 || step "    (previous image $previous is still in use: kept)"
+fi
 step "built $TAG: $((size / 1000000)) MB in $(($(date +%s) - START))s"
