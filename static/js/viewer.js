@@ -16,7 +16,10 @@ const BACKOFF_MAX_MS = 10000;
 const GOOD_CONNECTION_MS = 5000; // a connection that lasted this long resets the backoff
 const POLL_MS = 1500;
 const SLOW_POLL_MS = 3000;
+const WATCH_MS = 5000; // while connected, how often to look at the session's state
 const MAX_WAKES = 3; // wake requests without reaching "running" before giving up
+// States that end a connection even if the desktop's socket stays open meanwhile.
+const LEAVING_STATES = new Set(["hibernating", "hibernated", "terminating", "terminated", "failed"]);
 
 const viewer = {
   state: "loading", // loading | waiting | waking | connecting | connected | disconnected | error | ended
@@ -203,6 +206,7 @@ async function connect() {
   client.focusOnClick = true;
 
   let goodTimer = null;
+  let watchTimer = null;
   let securityFailure = null;
   client.addEventListener("credentialsrequired", () => client.sendCredentials({ password: config.password }));
   client.addEventListener("securityfailure", (e) => {
@@ -222,13 +226,35 @@ async function connect() {
     goodTimer = setTimeout(() => {
       backoff = BACKOFF_MIN_MS;
     }, GOOD_CONNECTION_MS);
+    watchTimer = setInterval(() => watch(client, gen), WATCH_MS);
   });
   client.addEventListener("disconnect", () => {
     clearTimeout(goodTimer);
+    clearInterval(watchTimer);
     if (rfb === client) rfb = null;
     if (gen !== generation) return; // a reconnect we asked for
     dropped(closed, securityFailure);
   });
+}
+
+// While connected, notice a session hibernated or ended elsewhere (the desktop's socket
+// may stay open a while): drop the connection and follow the session (a hibernated one
+// is woken again).
+async function watch(client, gen) {
+  let res;
+  try {
+    res = await api(config.session_url);
+  } catch {
+    return; // the connection itself tells us if the link is gone
+  }
+  if (gen !== generation || rfb !== client || res.status !== 200) return;
+  viewer.sessionState = res.body.state;
+  if (!LEAVING_STATES.has(res.body.state)) return;
+  generation += 1;
+  clearTimeout(timer);
+  rfb = null;
+  client.disconnect();
+  act(res.body.state, res.body.error_message);
 }
 
 function dropped(closed, securityFailure) {
