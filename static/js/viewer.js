@@ -18,6 +18,8 @@ const POLL_MS = 1500;
 const SLOW_POLL_MS = 3000;
 const WATCH_MS = 5000; // while connected, how often to look at the session's state
 const MAX_WAKES = 3; // wake requests without reaching "running" before giving up
+const MAX_RELOADS = 3; // page reloads when noVNC's modules fail to load
+const RELOADS_KEY = `streamspace-viewer-reloads-${config.session_id}`;
 // States that end a connection even if the desktop's socket stays open meanwhile.
 const LEAVING_STATES = new Set(["hibernating", "hibernated", "terminating", "terminated", "failed"]);
 
@@ -188,9 +190,10 @@ async function connect() {
   try {
     RFB = (await rfbModule).default;
   } catch (err) {
-    return setStatus("error", `Could not load the viewer (noVNC): ${err.message}`);
+    return moduleFailed(err);
   }
   if (gen !== generation) return;
+  sessionStorage.removeItem(RELOADS_KEY);
 
   // Our own socket, handed to noVNC, so the close code and reason can be read.
   const socket = new WebSocket(config.ws_url, ["binary"]);
@@ -255,6 +258,22 @@ async function watch(client, gen) {
   rfb = null;
   client.disconnect();
   act(res.body.state, res.body.error_message);
+}
+
+// A module that failed to load stays failed in this document: reload the page, a few times.
+function moduleFailed(err) {
+  const reloads = Number(sessionStorage.getItem(RELOADS_KEY) || 0);
+  if (reloads >= MAX_RELOADS) {
+    sessionStorage.removeItem(RELOADS_KEY);
+    return setStatus("error", `Could not load the viewer (noVNC): ${err.message}`, {
+      href: window.location.href,
+      text: "Reload",
+    });
+  }
+  sessionStorage.setItem(RELOADS_KEY, String(reloads + 1));
+  const delay = BACKOFF_MIN_MS * 2 ** (reloads + 1);
+  setStatus("disconnected", `Could not load the viewer (noVNC). Reloading in ${seconds(delay)}…`);
+  setTimeout(() => window.location.reload(), delay);
 }
 
 function dropped(closed, securityFailure) {
