@@ -167,17 +167,16 @@ class Agent:
         watcher = self._start_watch()
         connection_loop = asyncio.create_task(self._connection_loop(), name="agent-connection")
         events = asyncio.create_task(self._event_sender(), name="agent-events")
+        shutdown = asyncio.create_task(self._shutdown.wait(), name="agent-shutdown")
         try:
-            done, _ = await asyncio.wait(
-                {connection_loop, asyncio.create_task(self._shutdown.wait())}, return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait({connection_loop, shutdown}, return_when=asyncio.FIRST_COMPLETED)
             if connection_loop in done:
                 connection_loop.result()  # raises what killed it
             await self._drain(connection_loop)
         finally:
-            events.cancel()
-            connection_loop.cancel()
-            await asyncio.gather(events, connection_loop, return_exceptions=True)
+            for task in (events, connection_loop, shutdown):
+                task.cancel()
+            await asyncio.gather(events, connection_loop, shutdown, return_exceptions=True)
             for task in list(self._tasks):
                 task.cancel()
             self._watch_stop.set()
