@@ -14,8 +14,9 @@ import pytest
 
 from agent_clients import protocol
 from agent_clients.backends.base import SessionStatus
-from agent_clients.runtime import backoff_delay
-from tests.agent.harness import FakeControlPlane, Gate, GatedBackend, create_payload, running_agent
+from agent_clients.leadership import Leadership
+from agent_clients.runtime import Agent, backoff_delay
+from tests.agent.harness import FakeControlPlane, Gate, GatedBackend, create_payload, make_config, running_agent
 from tests.support.file_backend import FileBackend
 
 pytestmark = pytest.mark.asyncio
@@ -254,3 +255,53 @@ async def test_no_hello_before_the_backend_has_listed_its_sessions():
         conn = await cp.accept()
         hello = await conn.expect("hello")
         assert [s["session_id"] for s in hello.payload["sessions"]] == ["s-1"]
+
+
+class SwitchLeadership(Leadership):
+    """Leadership a test can take away and give back."""
+
+    def __init__(self) -> None:
+        self.granted = asyncio.Event()
+        self.granted.set()
+        self.taken = asyncio.Event()
+        self.released = False
+
+    async def acquire(self) -> None:
+        await self.granted.wait()
+        self.taken.clear()
+
+    async def lost(self) -> None:
+        await self.taken.wait()
+
+    async def release(self) -> None:
+        self.released = True
+
+    @property
+    def is_leader(self) -> bool:
+        return self.granted.is_set() and not self.taken.is_set()
+
+    def take_away(self) -> None:
+        self.granted.clear()
+        self.taken.set()
+
+
+async def test_losing_leadership_disconnects_until_it_is_acquired_again():
+    leadership = SwitchLeadership()
+    async with FakeControlPlane() as cp:
+        agent = Agent(make_config(cp.url, reconnect_cap=0.2), GatedBackend(), leadership, install_signal_handlers=False)
+        task = asyncio.create_task(agent.run())
+        try:
+            conn = await cp.accept()
+            await conn.expect("hello")
+            leadership.take_away()
+            await asyncio.wait_for(conn.closed.wait(), 5)
+            assert conn.close_code == 1000
+            with pytest.raises(TimeoutError):
+                await cp.accept(timeout=0.5)  # a standby acts now: this replica stays away
+            leadership.granted.set()
+            conn = await cp.accept()
+            await conn.expect("hello")
+        finally:
+            agent.request_shutdown()
+            assert await asyncio.wait_for(task, 10) == 0
+        assert leadership.released
