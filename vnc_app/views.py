@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.middleware.csrf import get_token
@@ -36,7 +38,7 @@ def viewer(request, session_id):
         "wake_url": reverse("session-wake", args=[session.pk]),
         "csrf_token": get_token(request),
         "rfb_module_url": static("novnc/core/rfb.js"),
-        "login_url": reverse("portal:login") + f"?next={request.path}",
+        "login_url": f"{reverse('portal:login')}?{urlencode({'next': request.get_full_path()})}",
         "portal_url": reverse("portal:home"),
     }
     return render(request, "vnc/viewer.html", {"session": session, "viewer_config": config})

@@ -88,7 +88,7 @@
 
   async function refreshRows(sessions) {
     const response = await fetch(config.rows_url, { credentials: "same-origin", headers: { Accept: "text/html" } });
-    if (!response.ok) throw new Error(`rows: HTTP ${response.status}`);
+    if (!response.ok || response.redirected) throw new Error(`rows: HTTP ${response.status}, or logged out`);
     const html = await response.text();
     const before = shownRows();
     const key = focusKey();

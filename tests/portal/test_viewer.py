@@ -22,6 +22,7 @@ def test_the_owner_gets_the_viewer_with_socket_url_and_password(alice_client, al
     assert config["wake_url"] == f"/api/v1/sessions/{session.pk}/wake"
     assert config["csrf_token"]
     assert config["rfb_module_url"] == "/static/novnc/core/rfb.js"
+    assert config["login_url"] == f"/accounts/login/?next=%2Fvnc-viewer%2F{session.pk}"
 
 
 def test_the_page_loads_novnc_and_the_viewer_script_from_here(alice_client, alice, make_session):
