@@ -29,6 +29,13 @@ def _bearer(scope) -> str | None:
     return None
 
 
+def in_db_thread(func):
+    """Run ``func`` in the thread pool, not on the one thread-sensitive thread: each call
+    is its own transaction on a pooled connection, so thousands of sockets do not queue
+    behind each other."""
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
 def _claim_deliverable(agent_pk: int) -> list[str]:
     """Claim the agent's deliverable commands (pending -> sent) and return their frames."""
     frames = []
@@ -36,6 +43,30 @@ def _claim_deliverable(agent_pk: int) -> list[str]:
         if commands.command_claim_for_delivery(command_pk=command.pk):
             frames.append(protocol.encode("command", command.as_message()))
     return frames
+
+
+def _connect(agent_id: str, raw_token: str | None, channel_name: str):
+    """Authenticate and attach in one trip: (agent pk, the channel this socket replaces) or None."""
+    agent = services.agent_authenticate(agent_id=agent_id, raw_token=raw_token)
+    if agent is None:
+        return None
+    return agent.pk, services.agent_attach(agent_pk=agent.pk, channel_name=channel_name)
+
+
+def _then_deliver(service):
+    """A service call followed by delivery of what became deliverable, in one trip."""
+
+    def call(agent_pk: int, **kwargs) -> list[str]:
+        service(agent_pk=agent_pk, **kwargs)
+        return _claim_deliverable(agent_pk)
+
+    return in_db_thread(call)
+
+
+hello_and_deliver = _then_deliver(services.agent_hello)
+heartbeat_and_deliver = _then_deliver(services.agent_heartbeat)
+complete_and_deliver = _then_deliver(services.command_complete)
+fail_and_deliver = _then_deliver(services.command_fail)
 
 
 class TunnelRoute:
@@ -57,21 +88,16 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         agent_id = (query.get("agent_id") or [""])[0]
-        agent = None
+        attached = None
         if agent_id:
-            agent = await database_sync_to_async(services.agent_authenticate)(
-                agent_id=agent_id, raw_token=_bearer(self.scope)
-            )
+            attached = await in_db_thread(_connect)(agent_id, _bearer(self.scope), self.channel_name)
         await self.accept()
-        if agent is None:
+        if attached is None:
             reason = "agent_id query parameter is required" if not agent_id else "unknown agent or wrong token"
             await self._refuse(protocol.CLOSE_UNAUTHORIZED, reason)
             return
-        self.agent_pk, self.agent_id = agent.pk, agent.agent_id
+        (self.agent_pk, previous), self.agent_id = attached, agent_id
         relay.register(self)
-        previous = await database_sync_to_async(services.agent_attach)(
-            agent_pk=agent.pk, channel_name=self.channel_name
-        )
         if previous:
             await self.channel_layer.send(previous, {"type": "agent.replaced"})
         log.info("agent %s connected", self.agent_id)
@@ -89,7 +115,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await relay.deliver(
                 self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": "agent disconnected"}
             )
-        await database_sync_to_async(services.agent_detach)(agent_pk=self.agent_pk, channel_name=self.channel_name)
+        await in_db_thread(services.agent_detach)(agent_pk=self.agent_pk, channel_name=self.channel_name)
         log.info("agent %s disconnected (%s)", self.agent_id, code)
 
     # --- frames from the agent ----------------------------------------------------------
@@ -134,36 +160,32 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if message.payload["agent_id"] != self.agent_id:
             await self._refuse(protocol.CLOSE_FORBIDDEN, "hello names another agent")
             return
-        await database_sync_to_async(services.agent_hello)(agent_pk=self.agent_pk, payload=message.payload)
-        await self.deliver_pending()
+        await self._send_all(await hello_and_deliver(self.agent_pk, payload=message.payload))
 
     async def on_heartbeat(self, message):
-        await database_sync_to_async(services.agent_heartbeat)(agent_pk=self.agent_pk, payload=message.payload)
-        await self.deliver_pending()  # the fallback path: a lost poke costs one heartbeat interval
+        # Delivering here too is the fallback path: a lost poke costs one heartbeat interval.
+        await self._send_all(await heartbeat_and_deliver(self.agent_pk, payload=message.payload))
 
     async def on_ack(self, message):
-        await database_sync_to_async(services.command_ack)(
-            agent_pk=self.agent_pk, command_id=message.payload["command_id"]
-        )
+        await in_db_thread(services.command_ack)(agent_pk=self.agent_pk, command_id=message.payload["command_id"])
 
     async def on_complete(self, message):
-        await database_sync_to_async(services.command_complete)(
-            agent_pk=self.agent_pk, command_id=message.payload["command_id"], result=message.payload["result"]
-        )
-        await self.deliver_pending()
+        p = message.payload
+        await self._send_all(await complete_and_deliver(self.agent_pk, command_id=p["command_id"], result=p["result"]))
 
     async def on_failed(self, message):
-        await database_sync_to_async(services.command_fail)(
-            agent_pk=self.agent_pk,
-            command_id=message.payload["command_id"],
-            error=message.payload["error"],
-            retryable=message.payload["retryable"],
+        p = message.payload
+        frames = await fail_and_deliver(
+            self.agent_pk,
+            command_id=p["command_id"],
+            error=p["error"],
+            retryable=p["retryable"],
             max_attempts=settings.COMMAND_MAX_ATTEMPTS,
         )
-        await self.deliver_pending()
+        await self._send_all(frames)
 
     async def on_session_event(self, message):
-        await database_sync_to_async(services.session_event)(agent_pk=self.agent_pk, payload=message.payload)
+        await in_db_thread(services.session_event)(agent_pk=self.agent_pk, payload=message.payload)
 
     async def on_tunnel_ready(self, message):
         await self._to_viewer(message.payload["tunnel_id"], {"type": "tunnel.ready"})
@@ -198,7 +220,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self._refuse(protocol.CLOSE_REPLACED, "replaced by a newer connection of the same agent")
 
     async def deliver_pending(self):
-        for frame in await database_sync_to_async(_claim_deliverable)(self.agent_pk):
+        await self._send_all(await in_db_thread(_claim_deliverable)(self.agent_pk))
+
+    async def _send_all(self, frames: list[str]) -> None:
+        for frame in frames:
             await self.send(text_data=frame)
 
     # --- tunnel events from viewer consumers (direct calls or the channel layer) ----------

@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, FloatField, Q, Sum, Value
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from agents_app.models import Agent, AgentCommand
@@ -38,30 +40,32 @@ def agent_list(*, platform: str = "", status: str = "", region: str = ""):
     return qs
 
 
+def _capacity(key: str, default: float):
+    """A numeric capacity figure from the JSON column (clean_capacity keeps them numeric)."""
+    return Coalesce(Cast(KT(f"capacity__{key}"), FloatField()), Value(float(default)))
+
+
 def agent_select_for_session(*, cpu: float, memory_mb: int, platform: str = "", region: str = "") -> Agent:
     """The online agent with the most free capacity (sessions, then CPU, then memory)
-    that fits the request. Raises NoAgentAvailable with the reason."""
+    that fits the request; the ranking runs in the database. Raises NoAgentAvailable."""
     candidates = Agent.objects.filter(status=Agent.Status.ONLINE, last_heartbeat__gte=agent_liveness_cutoff())
     if platform:
         candidates = candidates.filter(platform=platform)
     if region:
         candidates = candidates.filter(region=region)
-    candidates = candidates.annotate(
-        live_sessions=Count("sessions", filter=Q(sessions__state__in=LIVE_STATES)),
-        used_cpu=Sum("sessions__cpu", filter=Q(sessions__state__in=CONSUMING_STATES), default=0.0),
-        used_memory=Sum("sessions__memory_mb", filter=Q(sessions__state__in=CONSUMING_STATES), default=0),
+    live = Q(sessions__state__in=LIVE_STATES)
+    consuming = Q(sessions__state__in=CONSUMING_STATES)
+    best = (
+        candidates.annotate(
+            free_sessions=_capacity("max_sessions", 10**6) - Count("sessions", filter=live),
+            free_cpu=_capacity("cpu", 10**6) - Coalesce(Sum("sessions__cpu", filter=consuming), Value(0.0)),
+            free_memory=_capacity("memory_mb", 10**9)
+            - Coalesce(Cast(Sum("sessions__memory_mb", filter=consuming), FloatField()), Value(0.0)),
+        )
+        .filter(free_sessions__gte=1, free_cpu__gte=cpu, free_memory__gte=memory_mb)
+        .order_by("-free_sessions", "-free_cpu", "-free_memory", "agent_id")
+        .first()
     )
-    best, best_key = None, None
-    for agent in candidates:
-        cap = agent.capacity or {}
-        free_sessions = _number(cap.get("max_sessions"), 10**6) - agent.live_sessions
-        free_cpu = _number(cap.get("cpu"), 10**6) - (agent.used_cpu or 0)
-        free_memory = _number(cap.get("memory_mb"), 10**9) - (agent.used_memory or 0)
-        if free_sessions < 1 or free_cpu < cpu or free_memory < memory_mb:
-            continue
-        key = (free_sessions, free_cpu, free_memory, agent.agent_id)
-        if best_key is None or key > best_key:
-            best, best_key = agent, key
     if best is None:
         where = " ".join(filter(None, [platform and f"platform={platform}", region and f"region={region}"]))
         raise NoAgentAvailable(
@@ -70,8 +74,19 @@ def agent_select_for_session(*, cpu: float, memory_mb: int, platform: str = "", 
     return best
 
 
-def _number(value, default: float) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float(default)
+CAPACITY_KEYS = ("cpu", "memory_mb", "max_sessions")
+
+
+def clean_capacity(raw) -> dict:
+    """Capacity as stored: the known figures as non-negative numbers, anything else dropped."""
+    if not isinstance(raw, dict):
+        return {}
+    clean = {}
+    for key in CAPACITY_KEYS:
+        value = raw.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12:
+            clean[key] = value
+    return clean
 
 
 def commands_to_deliver(*, agent_pk: int, limit: int = 100) -> list[AgentCommand]:

@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent_clients import protocol
+from agents_app import selectors
 from agents_app.commands import command_requeue_unfinished
 from agents_app.models import Agent, AgentCommand
 from sessions_app import services as session_services
@@ -74,11 +75,15 @@ def agent_register(
         if not token_matches(existing, agent_token):
             raise Conflict(f"agent {agent_id!r} is already registered")
         existing.platform, existing.region = platform, region
-        existing.capacity, existing.metadata = capacity, metadata
+        existing.capacity, existing.metadata = selectors.clean_capacity(capacity), metadata
         existing.save(update_fields=["platform", "region", "capacity", "metadata", "updated_at"])
         return existing, None, False
     agent = Agent.objects.create(
-        agent_id=agent_id, platform=platform, region=region, capacity=capacity, metadata=metadata
+        agent_id=agent_id,
+        platform=platform,
+        region=region,
+        capacity=selectors.clean_capacity(capacity),
+        metadata=metadata,
     )
     return agent, agent_issue_token(agent=agent), True
 
@@ -126,7 +131,7 @@ def agent_hello(*, agent_pk: int, payload: dict) -> None:
     agent = Agent.objects.select_for_update().get(pk=agent_pk)
     agent.platform = payload["platform"]
     agent.region = payload.get("region") or agent.region
-    agent.capacity = payload["capacity"]
+    agent.capacity = selectors.clean_capacity(payload["capacity"])
     agent.version = str(payload["version"])[:50]
     agent.status = Agent.Status.ONLINE
     agent.last_heartbeat = timezone.now()
@@ -171,7 +176,10 @@ def _endpoint(entry: dict) -> dict:
 def agent_heartbeat(*, agent_pk: int, payload: dict) -> None:
     status = Agent.Status.DRAINING if payload["status"] == "draining" else Agent.Status.ONLINE
     Agent.objects.filter(pk=agent_pk).update(
-        last_heartbeat=timezone.now(), capacity=payload["capacity"], status=status, updated_at=timezone.now()
+        last_heartbeat=timezone.now(),
+        capacity=selectors.clean_capacity(payload["capacity"]),
+        status=status,
+        updated_at=timezone.now(),
     )
     reported = _reported_sessions(payload["sessions"])
     running = [sid for sid, e in reported.items() if e["state"] == "running"]

@@ -29,6 +29,11 @@ LOG_DIR.mkdir(parents=True, exist_ok=True)
 REDIS_URL = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
+# Agent sockets live for days and reconnect in floods: no 24 h cap on a socket's life, and
+# 30 s (not 5) for a handshake queued behind a reconnect storm. The same flags as deploy/.
+DAPHNE_FLAGS = ["--websocket_timeout", "-1", "--websocket_connect_timeout", "30"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,7 +134,17 @@ class ControlPlane(Process):
         self.port = port or free_port()
         super().__init__(
             name,
-            [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "streamspace.asgi:application"],
+            [
+                PYTHON,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                *DAPHNE_FLAGS,
+                "streamspace.asgi:application",
+            ],
             control_plane_env(**env),
         )
 
