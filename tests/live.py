@@ -197,3 +197,37 @@ def celery_worker(**env: str) -> Process:
          "-s", str(LOG_DIR / f"beat-{uuid.uuid4().hex[:6]}")],
         control_plane_env(**env),
     )  # fmt: skip
+
+
+def agent_process(
+    cp: ControlPlane,
+    agent_id: str,
+    token: str,
+    *,
+    module: str = "agent_clients",
+    backend: str | None = None,
+    heartbeat: float = 1.0,
+    reconnect_cap: float = 2.0,
+    name: str | None = None,
+    **env: str,
+) -> Process:
+    """A real agent runtime process (``python -m <module>``) connected to ``cp``.
+
+    ``module`` is ``agent_clients`` (with ``backend``), ``agent_clients.docker_agent`` or
+    ``agent_clients.k8s_agent``. Not started: call ``.start()``."""
+    argv = [PYTHON, "-m", module]
+    if backend:
+        argv += ["--backend", backend]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "DJANGO_SETTINGS"))}
+    base.update(
+        AGENT_ID=agent_id,
+        AGENT_TOKEN=token,
+        CONTROL_PLANE_URL=cp.ws_url,
+        HEARTBEAT_INTERVAL=str(heartbeat),
+        RECONNECT_CAP=str(reconnect_cap),
+        REGION="test",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT),
+    )
+    base.update(env)
+    return Process(name or f"agent-{agent_id}", argv, base)
