@@ -33,5 +33,5 @@ class JWTQueryAuthMiddleware:
         if raw:
             from django.contrib.auth.models import AnonymousUser
 
-            scope = dict(scope, user=(await _user_from_jwt(raw)) or AnonymousUser())
+            scope = dict(scope, user=(await _user_from_jwt(raw)) or AnonymousUser(), token_auth=True)
         return await self.app(scope, receive, send)

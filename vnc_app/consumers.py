@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -29,6 +30,17 @@ ACTIVITY_EVERY = 10.0  # seconds between writes of the session's last input time
 # The browser cannot be paused under Daphne, so a viewer that outruns the desktop by
 # this much is closed with a reason instead of being buffered without bound.
 MAX_VIEWER_BACKLOG = 2 * protocol.TUNNEL_WINDOW
+
+
+def same_origin(scope) -> bool:
+    """True unless a browser says the page opening this socket is on another site.
+    (Browsers always send Origin on WebSocket handshakes; other clients need none.)"""
+    headers = dict(scope.get("headers") or [])
+    origin = headers.get(b"origin")
+    if origin is None:
+        return True
+    host = headers.get(b"host", b"").decode("latin-1").lower()
+    return urlsplit(origin.decode("latin-1")).netloc.lower() == host
 
 
 @database_sync_to_async
@@ -63,6 +75,10 @@ class VncConsumer(AsyncWebsocketConsumer):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self._finish(protocol.CLOSE_UNAUTHORIZED, "log in first")
+            return
+        if not self.scope.get("token_auth") and not same_origin(self.scope):
+            # A login cookie rides along on cross-site sockets too: only our own pages may use it.
+            await self._finish(protocol.CLOSE_FORBIDDEN, "cross-site viewer connections need ?token=<JWT>")
             return
         try:
             self.session_id, self.agent_channel, state = await _load(

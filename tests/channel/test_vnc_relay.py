@@ -118,3 +118,20 @@ def test_key_and_pointer_input_updates_the_sessions_last_activity(control_plane,
     assert Session.objects.get(pk=session.pk).last_activity is None  # no input yet
     ws.send(b"\x04\x01\x00\x00\x00\x00\x00\x61")  # a key press
     wait_for(lambda: Session.objects.get(pk=session.pk).last_activity is not None, 5, what="activity recorded")
+
+
+def test_a_login_cookie_from_another_site_is_refused(control_plane, alice, desktop):
+    """Cross-site WebSocket hijacking: a page elsewhere cannot ride on alice's login cookie."""
+    from django.test import Client
+
+    agent = online_agent(control_plane)
+    session = running_session(alice, desktop)
+    browser = Client()
+    browser.force_login(alice)
+    cookie = f"sessionid={browser.cookies['sessionid'].value}"
+    url = f"{control_plane.ws_url}/api/v1/vnc/{session.pk}"
+    evil = connect(url, additional_headers={"Cookie": cookie, "Origin": "https://evil.example"}).__enter__()
+    assert closed_with(evil)[0] == protocol.CLOSE_FORBIDDEN
+    own = connect(url, additional_headers={"Cookie": cookie, "Origin": control_plane.http_url}).__enter__()
+    assert agent.expect("tunnel_open")["payload"]["session_id"] == str(session.pk)
+    own.close()
