@@ -10,6 +10,8 @@ Environment:
 * ``FILE_BACKEND_DIR``: the state directory (required by ``from_config``);
 * ``FILE_BACKEND_CREATE_DELAY``: seconds ``create`` sleeps before it creates (so a test
   can kill the agent between ``ack`` and ``complete``);
+* ``FILE_BACKEND_RETURN_DELAY``: seconds ``create`` sleeps after it created, before it
+  returns (so a test can kill the agent when the work is done but not yet reported);
 * ``FILE_BACKEND_VNC``: ``127.0.0.1:PORT`` that ``vnc_endpoint`` returns for every
   session (an echo server, say).
 
@@ -42,6 +44,7 @@ class FileBackend(Backend):
         directory: str | os.PathLike,
         *,
         create_delay: float = 0.0,
+        return_delay: float = 0.0,
         vnc: str | None = None,
         max_sessions: int = 10,
     ):
@@ -49,6 +52,7 @@ class FileBackend(Backend):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "state.json"
         self.create_delay = create_delay
+        self.return_delay = return_delay
         self.vnc = vnc
         self.max_sessions = max_sessions
 
@@ -60,6 +64,7 @@ class FileBackend(Backend):
         return cls(
             directory,
             create_delay=float(os.environ.get("FILE_BACKEND_CREATE_DELAY") or 0),
+            return_delay=float(os.environ.get("FILE_BACKEND_RETURN_DELAY") or 0),
             vnc=os.environ.get("FILE_BACKEND_VNC") or None,
             max_sessions=getattr(cfg, "max_sessions", 10),
         )
@@ -135,6 +140,8 @@ class FileBackend(Backend):
                 record = {"state": "running", "owner": spec.owner, "image": spec.image, "detail": ""}
                 state["sessions"][spec.session_id] = record
                 self._count(state, "create", spec.session_id)
+        if self.return_delay:
+            time.sleep(self.return_delay)
         return self._status(spec.session_id, record)
 
     def terminate(self, session_id: str, *, keep_home: bool = False) -> None:
