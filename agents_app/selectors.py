@@ -94,9 +94,9 @@ def commands_to_deliver(*, agent_pk: int, limit: int = 100) -> list[AgentCommand
     earlier command still unfinished (so per-session order holds: a hibernate never
     overtakes the create)."""
     unfinished = list(
-        AgentCommand.objects.filter(agent_id=agent_pk, status__in=AgentCommand.UNFINISHED)
-        .select_related("session")
-        .order_by("created_at", "id")[: limit * 4]
+        AgentCommand.objects.filter(agent_id=agent_pk, status__in=AgentCommand.UNFINISHED).order_by("created_at", "id")[
+            : limit * 4
+        ]
     )
     blocked_sessions: set = set()
     ready = []

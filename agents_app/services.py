@@ -128,17 +128,21 @@ def agent_detach(*, agent_pk: int, channel_name: str) -> None:
 @transaction.atomic
 def agent_hello(*, agent_pk: int, payload: dict) -> None:
     """The agent (re)connected: update what it is, reconcile what it holds, requeue unfinished commands."""
-    agent = Agent.objects.select_for_update().get(pk=agent_pk)
-    agent.platform = payload["platform"]
-    agent.region = payload.get("region") or agent.region
-    agent.capacity = selectors.clean_capacity(payload["capacity"])
-    agent.version = str(payload["version"])[:50]
-    agent.status = Agent.Status.ONLINE
-    agent.last_heartbeat = timezone.now()
-    agent.save(update_fields=["platform", "region", "capacity", "version", "status", "last_heartbeat", "updated_at"])
+    now = timezone.now()
+    fields = {
+        "platform": payload["platform"],
+        "capacity": selectors.clean_capacity(payload["capacity"]),
+        "version": str(payload["version"])[:50],
+        "status": Agent.Status.ONLINE,
+        "last_heartbeat": now,
+        "updated_at": now,
+    }
+    if payload.get("region"):
+        fields["region"] = str(payload["region"])[:100]
+    Agent.objects.filter(pk=agent_pk).update(**fields)
     reported = _reported_sessions(payload["sessions"])
     held = Session.objects.select_for_update().filter(
-        agent=agent, state__in=(State.RUNNING, State.DEGRADED, State.HIBERNATED)
+        agent_id=agent_pk, state__in=(State.RUNNING, State.DEGRADED, State.HIBERNATED)
     )
     for session in held:
         entry = reported.get(str(session.pk))
@@ -148,8 +152,9 @@ def agent_hello(*, agent_pk: int, payload: dict) -> None:
             session_services.session_reconcile(
                 session=session, reported=entry["state"], detail=entry.get("detail") or "", endpoint=_endpoint(entry)
             )
-    requeued = command_requeue_unfinished(agent_pk=agent.pk)
-    log.info("agent %s hello: %d sessions reported, %d commands requeued", agent.agent_id, len(reported), requeued)
+    requeued = command_requeue_unfinished(agent_pk=agent_pk)
+    if requeued:
+        log.info("agent %s hello: %d commands requeued for redelivery", agent_pk, requeued)
 
 
 def _reported_sessions(items: list) -> dict[str, dict]:

@@ -82,7 +82,10 @@ if DATABASE_URL:
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Under ASGI every request runs in its own thread context, so Django's persistent
         # connections do not help; a psycopg pool saves ~20 ms of connecting per request.
-        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        options = DATABASES["default"].setdefault("OPTIONS", {})
+        # Parameters travel separately from the SQL: no quoting of literals in Python.
+        options["server_side_binding"] = env_bool("DATABASE_SERVER_SIDE_BINDING", True)
+        options["pool"] = {
             "min_size": env_int("DATABASE_POOL_MIN", 2, minimum=1),
             "max_size": env_int("DATABASE_POOL_MAX", 20, minimum=1),
             "timeout": 20,
