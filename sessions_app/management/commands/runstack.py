@@ -16,6 +16,9 @@ from agents_app.services import agent_issue_token, agent_register
 from streamspace.env import env_int, env_str
 
 LOCAL_AGENT_ID = "local-docker"
+# Agent sockets live for days (Daphne's default cuts every socket at 24 h) and reconnect in
+# floods after a restart (a handshake may queue longer than Daphne's default 5 s).
+DAPHNE_SOCKET_FLAGS = ["--websocket_timeout", "-1", "--websocket_connect_timeout", "30"]
 
 
 class Command(BaseCommand):
@@ -34,7 +37,10 @@ class Command(BaseCommand):
             self.stdout.write(f"starting {name}: {' '.join(argv[1:4])} ...")
             children.append((name, subprocess.Popen(argv, env={**os.environ, **(env or {})})))
 
-        start("daphne", [py, "-m", "daphne", "-b", host, "-p", str(port), "streamspace.asgi:application"])
+        start(
+            "daphne",
+            [py, "-m", "daphne", "-b", host, "-p", str(port), *DAPHNE_SOCKET_FLAGS, "streamspace.asgi:application"],
+        )
         start("celery", [py, "-m", "celery", "-A", "streamspace", "worker", "-B", "--pool=solo", "--loglevel=WARNING"])
         if not no_agent and os.environ.get("STREAMSPACE_LOCAL_AGENT") == "docker":
             token = self._local_agent_token()
