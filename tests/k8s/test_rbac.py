@@ -124,7 +124,8 @@ def containers(objects):
 def test_the_processes(base):
     commands = {obj["metadata"]["name"]: c["command"] for obj, c in containers(base)}
     assert commands["streamspace-control-plane"] == [
-        "daphne", "-b", "0.0.0.0", "-p", "8000", "streamspace.asgi:application",
+        "daphne", "-b", "0.0.0.0", "-p", "8000", "--websocket_timeout", "-1", "--websocket_connect_timeout", "30",
+        "streamspace.asgi:application",
     ]  # fmt: skip
     assert commands["streamspace-celery-worker"][:4] == ["celery", "-A", "streamspace", "worker"]
     assert commands["streamspace-celery-beat"][:4] == ["celery", "-A", "streamspace", "beat"]
