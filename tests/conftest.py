@@ -81,3 +81,58 @@ def as_bob(bob):
 @pytest.fixture
 def as_carol(carol):
     return api_client_for(carol)
+
+
+def _leaked_managed_objects() -> list[str] | None:
+    """Remove and name the managed Docker objects of this run's agents (ids start with
+    tests.docker.conftest.RUN_ID); None when no engine is reachable."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except Exception:
+        return None
+    from tests.docker.conftest import RUN_ID
+
+    def ours(labels) -> bool:
+        return str((labels or {}).get("streamspace.agent", "")).startswith(RUN_ID)
+
+    flt = {"label": "streamspace.managed=true"}
+    leaked: list[str] = []
+    try:
+        for kind, objects in (
+            ("container", lambda: client.containers.list(all=True, filters=flt)),
+            ("network", lambda: client.networks.list(filters=flt)),
+            ("volume", lambda: client.volumes.list(filters=flt)),
+        ):
+            for obj in objects():
+                labels = obj.labels if kind == "container" else obj.attrs.get("Labels")
+                if not ours(labels):
+                    continue
+                leaked.append(f"{kind} {obj.name} (agent {labels.get('streamspace.agent')})")
+                try:
+                    obj.remove(force=True) if kind != "network" else obj.remove()
+                except Exception as exc:
+                    leaked[-1] += f", could not remove it: {exc}"
+    finally:
+        client.close()
+    return leaked
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After the whole suite: no container, network or volume of this run's agents may be
+    left on the engine. A leak fails the run, is printed, and is removed."""
+    leaked = _leaked_managed_objects()
+    if not leaked:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    title = "tests left managed Docker objects behind (now removed)"
+    if reporter is not None:
+        reporter.line("")
+        reporter.write_sep("=", title, red=True, bold=True)
+        for item in leaked:
+            reporter.write_line(f"  {item}", red=True)
+    else:
+        print(title, *leaked, sep="\n  ")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
