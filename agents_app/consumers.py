@@ -77,7 +77,7 @@ class TunnelRoute:
         self.seq = relay.Sequence()
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
     agent_pk: int | None = None
     agent_id: str = ""
 

@@ -50,7 +50,7 @@ def _load(user, session_id):
     return session.pk, (session.agent.channel_name if session.agent else ""), session.state
 
 
-class VncConsumer(AsyncWebsocketConsumer):
+class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
     tunnel_id: int | None = None
     connection_pk: int | None = None
 

@@ -1,0 +1,405 @@
+"""How fast and how faithfully the VNC relay moves bytes.
+
+Starts a throwaway PostgreSQL database, two Daphne processes (production settings, the
+Redis pub/sub channel layer), a TCP echo server standing in for the desktop's VNC
+server, and the real agent runtime (``python -m agent_clients`` with the test
+FileBackend, its VNC endpoint pointed at the echo server), connected to process A.
+
+The chain measured: viewer WebSocket -> Daphne (VncConsumer) -> direct call (same
+process) or channel layer (viewer on B) -> AgentConsumer -> agent process -> TCP echo ->
+all the way back. Every figure is an echo, so bytes cross the relay in both directions.
+
+* bulk: one stream sending 64 KiB messages flat out (at most IN_FLIGHT unechoed),
+  MB/s (10^6 bytes) echoed back; the same through websockify (a WebSocket bridged
+  straight to the echo server) and raw TCP to the echo server;
+* round trip of a 100 B message, p50/p99; ``added_*`` = relay RTT minus raw TCP RTT;
+* N streams (BENCH_STREAMS, default 50) at BENCH_RATE bytes/s each (default 2 MB/s),
+  20 KB messages every 10 ms, each starting with its send time: the p99 of the time
+  until the whole message is back, and the bytes lost (sent minus echoed) plus streams
+  whose echo differs from what was sent (sha256).
+
+Run: .venv/bin/python benchmarks/vnc_relay.py      (no arguments; ~2-3 minutes)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import sys
+import tempfile
+import time
+import uuid
+
+from _support import REDIS_URL, drop_database, emit, fresh_database, percentile, progress, setup_django
+
+DB_NAME = "streamspace_bench_vnc_relay"
+BULK_SECONDS = float(os.environ.get("BENCH_BULK_SECONDS", "5"))
+BULK_CHUNK = 64 * 1024
+IN_FLIGHT = 4 * 1024 * 1024  # below the viewer consumer's 8 MiB limit on unacknowledged bytes
+RTT_SAMPLES = int(os.environ.get("BENCH_RTT_SAMPLES", "2000"))
+STREAMS = int(os.environ.get("BENCH_STREAMS", "50"))
+RATE = int(os.environ.get("BENCH_RATE", str(2_000_000)))
+STREAM_SECONDS = float(os.environ.get("BENCH_STREAM_SECONDS", "10"))
+TICK = 0.010
+MB = 1e6
+
+TARGETS = {
+    "ratio_vs_websockify": (">=", 0.5),
+    "added_p50_ms": ("<=", 1.0),
+    "relay_cross_MBps": (">=", 50.0),
+    "cross_added_p50_ms": ("<=", 2.0),
+    "streams_p99_ms": ("<=", 30.0),
+    "lost_bytes": ("<=", 0),
+}
+
+
+# --- pipes: one byte stream to the echo server, over a WebSocket or raw TCP ---------------
+
+
+class WsPipe:
+    def __init__(self, url: str):
+        self.url = url
+
+    async def __aenter__(self):
+        from websockets.asyncio.client import connect
+
+        self.ws = await connect(
+            self.url, subprotocols=["binary"], max_size=None, compression=None, open_timeout=15, ping_interval=None
+        )
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.ws.close()
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send(data)
+
+    async def recv(self) -> bytes:
+        return await self.ws.recv()
+
+
+class TcpPipe:
+    def __init__(self, port: int):
+        self.port = port
+
+    async def __aenter__(self):
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.writer.close()
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self) -> bytes:
+        data = await self.reader.read(1 << 20)
+        if not data:
+            raise ConnectionError("echo server closed")
+        return data
+
+
+async def bulk(pipe_factory) -> float:
+    """MB/s echoed back through one stream sending flat out for BULK_SECONDS."""
+    block = os.urandom(BULK_CHUNK)
+    sent = received = 0
+    progressed = asyncio.Event()
+    stop = False
+    async with pipe_factory() as pipe:
+
+        async def reader():
+            nonlocal received
+            while not stop or received < sent:
+                received += len(await pipe.recv())
+                progressed.set()
+
+        async def writer():
+            nonlocal sent
+            while not stop:
+                while sent - received >= IN_FLIGHT:
+                    progressed.clear()
+                    await progressed.wait()
+                await pipe.send(block)
+                sent += len(block)
+
+        tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
+        await asyncio.sleep(0.5)  # warm up
+        r0, t0 = received, time.perf_counter()
+        await asyncio.sleep(BULK_SECONDS)
+        r1, t1 = received, time.perf_counter()
+        stop = True
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        assert received == sent, f"bulk: sent {sent}, echoed {received}"
+    return (r1 - r0) / (t1 - t0) / MB
+
+
+async def rtts(pipe_factory, n: int = RTT_SAMPLES, size: int = 100) -> list[float]:
+    """Round trips of one ``size``-byte message at a time, in ms."""
+    message = os.urandom(size)
+    out = []
+    async with pipe_factory() as pipe:
+        for i in range(n + 50):
+            t0 = time.perf_counter()
+            await pipe.send(message)
+            got = 0
+            while got < size:
+                got += len(await pipe.recv())
+            if i >= 50:  # warm up
+                out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+class Stream:
+    """One viewer at RATE bytes/s: messages of RATE*TICK bytes, each stamped with its send time."""
+
+    def __init__(self, url: str, block: bytes):
+        self.url, self.block = url, block
+        self.size = len(block)
+        self.sent = self.received = 0
+        self.sent_hash, self.received_hash = hashlib.sha256(), hashlib.sha256()
+        self.latencies: list[float] = []
+        self.send_times: dict[int, float] = {}
+        self.error = ""
+
+    async def run(self, start_at: float, seconds: float) -> None:
+        try:
+            async with WsPipe(self.url) as pipe:
+                reader = asyncio.create_task(self._reader(pipe))
+                await self._writer(pipe, start_at, seconds)
+                await asyncio.wait_for(reader, 30)
+        except Exception as exc:
+            self.error = f"{exc.__class__.__name__}: {exc}"
+
+    async def _writer(self, pipe, start_at: float, seconds: float) -> None:
+        ticks = int(seconds / TICK)
+        for k in range(ticks):
+            delay = start_at + k * TICK - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = time.perf_counter()
+            message = struct.pack(">dQ", now, k) + self.block[16:]
+            self.send_times[k] = now
+            self.sent_hash.update(message)
+            await pipe.send(message)
+            self.sent += len(message)
+        self.done_sending = True
+
+    async def _reader(self, pipe) -> None:
+        self.done_sending = False
+        while not (self.done_sending and self.received >= self.sent):
+            data = await pipe.recv()
+            now = time.perf_counter()
+            before = self.received
+            self.received += len(data)
+            self.received_hash.update(data)
+            # every message boundary crossed: that message is entirely back
+            for k in range(before // self.size, self.received // self.size):
+                t = self.send_times.pop(k, None)
+                if t is not None:
+                    self.latencies.append((now - t) * 1000)
+
+
+async def streams(url: str) -> dict:
+    block = os.urandom(int(RATE * TICK))
+    fleet = [Stream(url, block) for _ in range(STREAMS)]
+    # open the viewers first (each opens a tunnel through the agent), then stream together
+    start_at = time.perf_counter() + 3.0 + STREAMS * 0.02
+    await asyncio.gather(*(s.run(start_at + i * TICK / STREAMS, STREAM_SECONDS) for i, s in enumerate(fleet)))
+    latencies = [x for s in fleet for x in s.latencies]
+    lost = sum(max(0, s.sent - s.received) for s in fleet)
+    corrupt = sum(1 for s in fleet if s.received == s.sent and s.sent_hash.digest() != s.received_hash.digest())
+    errors = [s.error for s in fleet if s.error]
+    return {
+        "streams": STREAMS,
+        "stream_rate_MBps": RATE / MB,
+        "streams_p50_ms": percentile(latencies, 50),
+        "streams_p99_ms": percentile(latencies, 99),
+        "streams_max_ms": max(latencies) if latencies else float("nan"),
+        "streams_sent_MB": sum(s.sent for s in fleet) / MB,
+        "lost_bytes": lost,
+        "corrupt_streams": corrupt,
+        "stream_errors": len(errors),
+        "first_stream_error": errors[0] if errors else "",
+    }
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def make_user_and_agent():
+    from django.contrib.auth import get_user_model
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from agents_app.services import agent_register
+    from sessions_app.models import Quota, Template
+
+    user = get_user_model().objects.create_user("bench", password="bench-password-1")
+    Quota.objects.create(user=user, max_sessions=10, max_cpu=100, max_memory_mb=100_000)
+    Template.objects.create(slug="bench", name="Bench", image="img:1", default_cpu=0.1, default_memory_mb=64)
+    _, token, _ = agent_register(agent_id="bench-agent", platform="docker", region="bench")
+    return str(AccessToken.for_user(user)), token
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def met(figures: dict) -> dict:
+    out = {}
+    for key, (op, target) in TARGETS.items():
+        value = figures.get(key)
+        out[key] = value is not None and (value >= target if op == ">=" else value <= target)
+    return out
+
+
+PYSPY_DIR = os.environ.get("BENCH_PYSPY")  # a directory: profile the relay phases with py-spy
+PYSPY = os.environ.get("PYSPY_BIN", "py-spy")  # e.g. PYSPY_BIN=/tmp/pyspy/bin/py-spy
+AGENT_PID = 0
+
+
+async def pyspy(cp, name: str, seconds: float):
+    """With BENCH_PYSPY set, py-spy records the control plane and the agent for ``seconds``."""
+    if not PYSPY_DIR:
+        return asyncio.sleep(0)
+    procs = []
+    for who, pid in ((cp.name, cp.proc.pid), ("agent", AGENT_PID)):
+        out = os.path.join(PYSPY_DIR, f"{name}-{who}.txt")
+        procs.append(await asyncio.create_subprocess_exec(
+            PYSPY, "record", "-d", str(int(seconds)), "-r", "200", "-f", "raw", "-o", out, "-p", str(pid),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))  # fmt: skip
+    await asyncio.sleep(0.3)
+    return asyncio.gather(*(p.wait() for p in procs))
+
+
+async def measure(cp_a, cp_b, session_id: str, jwt: str, echo_port: int, wsfy_port: int) -> dict:
+    url_a = f"{cp_a.ws_url}/api/v1/vnc/{session_id}?token={jwt}"
+    url_b = f"{cp_b.ws_url}/api/v1/vnc/{session_id}?token={jwt}"
+    url_wsfy = f"ws://127.0.0.1:{wsfy_port}/"
+    f: dict = {}
+
+    progress("round trips, 100 B (raw TCP, websockify, relay one process, relay two processes) ...")
+    tcp = await rtts(lambda: TcpPipe(echo_port))
+    wsfy = await rtts(lambda: WsPipe(url_wsfy))
+    spy = await pyspy(cp_a, "rtt-a", 2)
+    same = await rtts(lambda: WsPipe(url_a))
+    await spy
+    cross = await rtts(lambda: WsPipe(url_b))
+    tcp50, tcp99 = percentile(tcp, 50), percentile(tcp, 99)
+    f["tcp_rtt_p50_ms"], f["tcp_rtt_p99_ms"] = tcp50, tcp99
+    f["websockify_rtt_p50_ms"], f["websockify_rtt_p99_ms"] = percentile(wsfy, 50), percentile(wsfy, 99)
+    f["relay_rtt_p50_ms"], f["relay_rtt_p99_ms"] = percentile(same, 50), percentile(same, 99)
+    f["cross_rtt_p50_ms"], f["cross_rtt_p99_ms"] = percentile(cross, 50), percentile(cross, 99)
+    f["added_p50_ms"], f["added_p99_ms"] = f["relay_rtt_p50_ms"] - tcp50, f["relay_rtt_p99_ms"] - tcp99
+    f["cross_added_p50_ms"], f["cross_added_p99_ms"] = f["cross_rtt_p50_ms"] - tcp50, f["cross_rtt_p99_ms"] - tcp99
+    for name in ("tcp", "websockify", "relay", "cross"):
+        progress(f"  {name:10s} p50 {f[f'{name}_rtt_p50_ms']:.3f} ms  p99 {f[f'{name}_rtt_p99_ms']:.3f} ms")
+
+    progress(f"bulk echo, {BULK_SECONDS:g}s each ...")
+    f["tcp_MBps"] = await bulk(lambda: TcpPipe(echo_port))
+    progress(f"  raw TCP          {f['tcp_MBps']:.1f} MB/s")
+    f["websockify_MBps"] = await bulk(lambda: WsPipe(url_wsfy))
+    progress(f"  websockify       {f['websockify_MBps']:.1f} MB/s")
+    spy = await pyspy(cp_a, "bulk-a", BULK_SECONDS)
+    f["relay_MBps"] = await bulk(lambda: WsPipe(url_a))
+    await spy
+    progress(f"  relay (1 proc)   {f['relay_MBps']:.1f} MB/s")
+    spy = await pyspy(cp_b, "bulk-b", BULK_SECONDS)
+    f["relay_cross_MBps"] = await bulk(lambda: WsPipe(url_b))
+    await spy
+    progress(f"  relay (2 procs)  {f['relay_cross_MBps']:.1f} MB/s")
+    f["ratio_vs_websockify"] = f["relay_MBps"] / f["websockify_MBps"]
+    f["cross_ratio_vs_websockify"] = f["relay_cross_MBps"] / f["websockify_MBps"]
+
+    progress(f"{STREAMS} streams x {RATE / MB:g} MB/s for {STREAM_SECONDS:g}s through the relay (one process) ...")
+    f.update(await streams(url_a))
+    progress(
+        f"  p50 {f['streams_p50_ms']:.1f} ms  p99 {f['streams_p99_ms']:.1f} ms  max {f['streams_max_ms']:.1f} ms"
+        f"  lost {f['lost_bytes']} B  corrupt {f['corrupt_streams']}  errors {f['stream_errors']}"
+        f" {f['first_stream_error']}"
+    )
+    return f
+
+
+def main() -> int:
+    progress(f"preparing database {DB_NAME} ...")
+    url = fresh_database(DB_NAME)
+    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+    production = {  # measured as deployed: DEBUG off, same signing key on every process
+        "DEBUG": "false", "SECRET_KEY": uuid.uuid4().hex * 2, "ALLOWED_HOSTS": "127.0.0.1",
+        "SECURE_SSL_REDIRECT": "false", "LOG_LEVEL": "WARNING", "CHANNEL_PREFIX": prefix, "REDIS_URL": REDIS_URL,
+    }  # fmt: skip
+    setup_django(url, **production)
+    jwt, agent_token = make_user_and_agent()
+    from django.db import connections
+
+    connections.close_all()
+    from sessions_app.models import Session
+    from tests.live import PYTHON, ControlPlane, Process, agent_process, free_port
+
+    procs: list = []
+    state_dir = tempfile.mkdtemp(prefix="bench-vnc-relay-")
+    try:
+        echo_port, wsfy_port = free_port(), free_port()
+        progress("starting the echo server, websockify, two Daphne processes and the agent ...")
+        echo = Process("bench-echo", [PYTHON, "-m", "tests.support.echo_server", str(echo_port)], dict(os.environ))
+        procs.append(echo.start())
+        wsfy_bin = os.path.join(os.path.dirname(PYTHON), "websockify")
+        wsfy = Process("bench-websockify", [wsfy_bin, f"127.0.0.1:{wsfy_port}", f"127.0.0.1:{echo_port}"],
+                       dict(os.environ))  # fmt: skip
+        procs.append(wsfy.start())
+        cp_a = ControlPlane("bench-daphne-a", DATABASE_URL=url, **production)
+        cp_b = ControlPlane("bench-daphne-b", DATABASE_URL=url, **production)
+        procs += [cp_a, cp_b]
+        cp_a.start()
+        cp_b.start()
+        agent = agent_process(
+            cp_a, "bench-agent", agent_token, backend="tests.support.file_backend:FileBackend",
+            FILE_BACKEND_DIR=state_dir, FILE_BACKEND_VNC=f"127.0.0.1:{echo_port}", LOG_LEVEL="WARNING",
+        )  # fmt: skip
+        procs.append(agent.start())
+        global AGENT_PID
+        AGENT_PID = agent.proc.pid
+        wait_for(lambda: port_open(echo_port) and port_open(wsfy_port), 15, "echo server and websockify")
+        from agents_app.models import Agent
+
+        wait_for(lambda: Agent.objects.get(agent_id="bench-agent").status == "online", 20,
+                 f"the agent to come online\n{agent.output()}")  # fmt: skip
+        status, body = cp_a.request("POST", "/api/v1/sessions", jwt, {"template": "bench"})
+        if status != 201:
+            raise RuntimeError(f"POST /api/v1/sessions answered {status}: {body}")
+        session_id = body["id"]
+        wait_for(lambda: Session.objects.get(pk=session_id).state == "running", 20,
+                 f"the session to run\n{agent.output()}")  # fmt: skip
+        connections.close_all()
+        figures = asyncio.run(measure(cp_a, cp_b, session_id, jwt, echo_port, wsfy_port))
+        for p in (cp_a, cp_b, agent):
+            if not p.alive:
+                raise RuntimeError(f"{p.name} died during the benchmark:\n{p.output()}")
+    finally:
+        for p in reversed(procs):
+            p.stop(5)
+        connections.close_all()
+        drop_database(DB_NAME)
+    figures["targets"] = met(figures)
+    figures["targets_met"] = all(figures["targets"].values())
+    progress("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in figures["targets"].items()))
+    emit(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
