@@ -16,8 +16,9 @@ Flow control is credit based, per tunnel and per direction: a sender may have at
   (``write`` + ``await drain()``), so one slow VNC server never stalls the socket's
   reader. The queue is bounded by the window: a peer that sends beyond it breaks the
   protocol and the tunnel is closed with a reason. Credit is granted back in batches
-  (once a quarter of the window has been written), or at once when the queue is empty,
-  so a small interactive message is never left waiting for credit.
+  (once a quarter of the window has been written), when the queue is empty and 64 KiB
+  were written, or after 20 ms idle, so a small interactive message never leaves credit
+  outstanding for long and a stream of small frames does not cost a credit message each.
 
 Either side ends a tunnel with ``tunnel_close``. When the control socket drops,
 :meth:`TunnelManager.close_all` closes every tunnel's TCP connection.
@@ -41,6 +42,12 @@ SendText = Callable[[str, dict[str, Any]], Awaitable[None]]
 SendBytes = Callable[[bytes], Awaitable[None]]
 
 CREDIT_BATCH = protocol.TUNNEL_WINDOW // 4
+# Below a batch, credit is granted once the queue is empty and this much was written, or
+# after CREDIT_IDLE_DELAY without more data: a stream of small frames then costs one
+# credit message per 64 KiB instead of one per frame (each is a JSON frame that the
+# control plane decodes and routes), and an idle tunnel still gets every byte back.
+CREDIT_IDLE_BATCH = 64 * 1024
+CREDIT_IDLE_DELAY = 0.02
 OPEN_TIMEOUT = 15.0
 
 
@@ -122,7 +129,14 @@ class Tunnel:
             while True:
                 while not self._inbound:
                     self._inbound_ready.clear()
-                    await self._inbound_ready.wait()
+                    if self.written_uncredited:
+                        # Idle with a little ungranted: grant it if nothing follows soon.
+                        try:
+                            await asyncio.wait_for(self._inbound_ready.wait(), CREDIT_IDLE_DELAY)
+                        except TimeoutError:
+                            await self._grant_written()
+                    else:
+                        await self._inbound_ready.wait()
                 # Coalesce what is queued into one write (bounded by the window).
                 chunks = []
                 while self._inbound:
@@ -132,17 +146,22 @@ class Tunnel:
                 await self.writer.drain()
                 self.bytes_in += len(data)
                 self.written_uncredited += len(data)
-                if self.written_uncredited >= CREDIT_BATCH or self.written_uncredited >= self.received_uncredited:
-                    grant = self.written_uncredited
-                    self.written_uncredited = 0
-                    self.received_uncredited -= grant
-                    await self.manager.send_text("tunnel_credit", {"tunnel_id": self.id, "bytes": grant})
+                if self.written_uncredited >= CREDIT_BATCH or (
+                    not self._inbound and self.written_uncredited >= CREDIT_IDLE_BATCH
+                ):
+                    await self._grant_written()
         except asyncio.CancelledError:
             raise
         except OSError as exc:
             self.manager._close_soon(self, f"vnc connection error: {exc.__class__.__name__}", notify=True)
         except Exception as exc:
             self.manager._close_soon(self, f"relay error: {exc.__class__.__name__}", notify=True)
+
+    async def _grant_written(self) -> None:
+        grant = self.written_uncredited
+        self.written_uncredited = 0
+        self.received_uncredited -= grant
+        await self.manager.send_text("tunnel_credit", {"tunnel_id": self.id, "bytes": grant})
 
     # --- teardown --------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ import uuid
 from _support import REDIS_URL, drop_database, emit, fresh_database, percentile, progress, setup_django
 
 DB_NAME = "streamspace_bench_vnc_relay"
-BULK_SECONDS = float(os.environ.get("BENCH_BULK_SECONDS", "5"))
+BULK_SECONDS = float(os.environ.get("BENCH_BULK_SECONDS", "3"))
+BULK_RUNS = int(os.environ.get("BENCH_BULK_RUNS", "2"))  # best of: the machine is shared, runs are noisy
 BULK_CHUNK = 64 * 1024
 IN_FLIGHT = 4 * 1024 * 1024  # below the viewer consumer's 8 MiB limit on unacknowledged bytes
 RTT_SAMPLES = int(os.environ.get("BENCH_RTT_SAMPLES", "2000"))
@@ -104,6 +105,18 @@ class TcpPipe:
         return data
 
 
+async def best_bulk(pipe_factory) -> float:
+    """The best of BULK_RUNS bulk runs (LAST_CPU keeps the CPU shares of that run)."""
+    best, best_cpu = 0.0, {}
+    for _ in range(BULK_RUNS):
+        mbps = await bulk(pipe_factory)
+        if mbps > best:
+            best, best_cpu = mbps, dict(LAST_CPU)
+    LAST_CPU.clear()
+    LAST_CPU.update(best_cpu)
+    return best
+
+
 async def bulk(pipe_factory) -> float:
     """MB/s echoed back through one stream sending flat out for BULK_SECONDS."""
     block = os.urandom(BULK_CHUNK)
@@ -129,13 +142,36 @@ async def bulk(pipe_factory) -> float:
 
         tasks = [asyncio.create_task(reader()), asyncio.create_task(writer())]
         await asyncio.sleep(0.5)  # warm up
-        r0, t0 = received, time.perf_counter()
+        r0, t0, c0 = received, time.perf_counter(), cpu_times()
         await asyncio.sleep(BULK_SECONDS)
-        r1, t1 = received, time.perf_counter()
+        r1, t1, c1 = received, time.perf_counter(), cpu_times()
         stop = True
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
         assert received == sent, f"bulk: sent {sent}, echoed {received}"
+    LAST_CPU.clear()
+    LAST_CPU.update({k: (c1[k] - c0[k]) / (t1 - t0) for k in c0 if k in c1})
     return (r1 - r0) / (t1 - t0) / MB
+
+
+PIDS: dict[str, int] = {}  # process name -> pid, for CPU shares during the bulk runs
+LAST_CPU: dict[str, float] = {}
+
+
+def cpu_times() -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for name, pid in [*PIDS.items(), ("bench client", os.getpid())]:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_line() -> str:
+    return "  cpu: " + ", ".join(f"{k} {v:.2f}" for k, v in LAST_CPU.items() if v >= 0.02)
 
 
 async def rtts(pipe_factory, n: int = RTT_SAMPLES, size: int = 100) -> list[float]:
@@ -170,8 +206,12 @@ class Stream:
         try:
             async with WsPipe(self.url) as pipe:
                 reader = asyncio.create_task(self._reader(pipe))
-                await self._writer(pipe, start_at, seconds)
-                await asyncio.wait_for(reader, 30)
+                try:
+                    await self._writer(pipe, start_at, seconds)
+                    await asyncio.wait_for(reader, 30)
+                finally:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
         except Exception as exc:
             self.error = f"{exc.__class__.__name__}: {exc}"
 
@@ -214,6 +254,7 @@ async def streams(url: str) -> dict:
     lost = sum(max(0, s.sent - s.received) for s in fleet)
     corrupt = sum(1 for s in fleet if s.received == s.sent and s.sent_hash.digest() != s.received_hash.digest())
     errors = [s.error for s in fleet if s.error]
+    closed = [s for s in fleet if s.error]
     return {
         "streams": STREAMS,
         "stream_rate_MBps": RATE / MB,
@@ -222,6 +263,8 @@ async def streams(url: str) -> dict:
         "streams_max_ms": max(latencies) if latencies else float("nan"),
         "streams_sent_MB": sum(s.sent for s in fleet) / MB,
         "lost_bytes": lost,
+        # of which in streams the relay closed with a reason (not silent loss: a viewer reconnects)
+        "lost_bytes_in_closed_streams": sum(max(0, s.sent - s.received) for s in closed),
         "corrupt_streams": corrupt,
         "stream_errors": len(errors),
         "first_stream_error": errors[0] if errors else "",
@@ -253,6 +296,15 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.05)
 
 
+def redis_pids() -> dict[str, int]:
+    import psutil
+
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith("redis-server"):
+            return {"redis": p.pid}
+    return {}
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -271,12 +323,12 @@ PYSPY = os.environ.get("PYSPY_BIN", "py-spy")  # e.g. PYSPY_BIN=/tmp/pyspy/bin/p
 AGENT_PID = 0
 
 
-async def pyspy(cp, name: str, seconds: float):
+async def pyspy(cp, name: str, seconds: float, *more):
     """With BENCH_PYSPY set, py-spy records the control plane and the agent for ``seconds``."""
     if not PYSPY_DIR:
         return asyncio.sleep(0)
     procs = []
-    for who, pid in ((cp.name, cp.proc.pid), ("agent", AGENT_PID)):
+    for who, pid in ((cp.name, cp.proc.pid), ("agent", AGENT_PID), *((m.name, m.proc.pid) for m in more)):
         out = os.path.join(PYSPY_DIR, f"{name}-{who}.txt")
         procs.append(await asyncio.create_subprocess_exec(
             PYSPY, "record", "-d", str(int(seconds)), "-r", "200", "-f", "raw", "-o", out, "-p", str(pid),
@@ -308,19 +360,19 @@ async def measure(cp_a, cp_b, session_id: str, jwt: str, echo_port: int, wsfy_po
     for name in ("tcp", "websockify", "relay", "cross"):
         progress(f"  {name:10s} p50 {f[f'{name}_rtt_p50_ms']:.3f} ms  p99 {f[f'{name}_rtt_p99_ms']:.3f} ms")
 
-    progress(f"bulk echo, {BULK_SECONDS:g}s each ...")
-    f["tcp_MBps"] = await bulk(lambda: TcpPipe(echo_port))
-    progress(f"  raw TCP          {f['tcp_MBps']:.1f} MB/s")
-    f["websockify_MBps"] = await bulk(lambda: WsPipe(url_wsfy))
-    progress(f"  websockify       {f['websockify_MBps']:.1f} MB/s")
+    progress(f"bulk echo, best of {BULK_RUNS} x {BULK_SECONDS:g}s each ...")
+    f["tcp_MBps"] = await best_bulk(lambda: TcpPipe(echo_port))
+    progress(f"  raw TCP          {f['tcp_MBps']:.1f} MB/s" + cpu_line())
+    f["websockify_MBps"] = await best_bulk(lambda: WsPipe(url_wsfy))
+    progress(f"  websockify       {f['websockify_MBps']:.1f} MB/s" + cpu_line())
     spy = await pyspy(cp_a, "bulk-a", BULK_SECONDS)
-    f["relay_MBps"] = await bulk(lambda: WsPipe(url_a))
+    f["relay_MBps"] = await best_bulk(lambda: WsPipe(url_a))
     await spy
-    progress(f"  relay (1 proc)   {f['relay_MBps']:.1f} MB/s")
-    spy = await pyspy(cp_b, "bulk-b", BULK_SECONDS)
-    f["relay_cross_MBps"] = await bulk(lambda: WsPipe(url_b))
+    progress(f"  relay (1 proc)   {f['relay_MBps']:.1f} MB/s" + cpu_line())
+    spy = await pyspy(cp_b, "bulk-b", BULK_SECONDS, cp_a)
+    f["relay_cross_MBps"] = await best_bulk(lambda: WsPipe(url_b))
     await spy
-    progress(f"  relay (2 procs)  {f['relay_cross_MBps']:.1f} MB/s")
+    progress(f"  relay (2 procs)  {f['relay_cross_MBps']:.1f} MB/s" + cpu_line())
     f["ratio_vs_websockify"] = f["relay_MBps"] / f["websockify_MBps"]
     f["cross_ratio_vs_websockify"] = f["relay_cross_MBps"] / f["websockify_MBps"]
 
@@ -373,6 +425,9 @@ def main() -> int:
         procs.append(agent.start())
         global AGENT_PID
         AGENT_PID = agent.proc.pid
+        PIDS.update({"daphne A": cp_a.proc.pid, "daphne B": cp_b.proc.pid, "agent": AGENT_PID,
+                     "echo": echo.proc.pid, "websockify": wsfy.proc.pid})  # fmt: skip
+        PIDS.update(redis_pids())
         wait_for(lambda: port_open(echo_port) and port_open(wsfy_port), 15, "echo server and websockify")
         from agents_app.models import Agent
 
