@@ -130,6 +130,10 @@ def new_context(browser, request):
         kwargs.setdefault("viewport", {"width": 1366, "height": 900})
         context = browser.new_context(**kwargs)
         context.set_default_timeout(15_000)
+        context.problems = problems = []  # failed requests, page errors, console errors: shown on failure
+        context.on("requestfailed", lambda r: problems.append(f"request failed: {r.method} {r.url}: {r.failure}"))
+        context.on("weberror", lambda e: problems.append(f"page error: {e.error}"))
+        context.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
         made.append((name, context))
         return context
 
@@ -138,6 +142,8 @@ def new_context(browser, request):
     if report is not None and report.failed:
         SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
         for name, context in made:
+            for problem in context.problems:
+                print(f"{name}: {problem}")
             for i, page in enumerate(context.pages):
                 path = SCREENSHOT_DIR / f"{request.node.name}-{name}-{i}.png"
                 try:

@@ -44,14 +44,22 @@ READ_CANVAS = """() => {
   return { width: canvas.width, height: canvas.height, rgba: btoa(binary) };
 }"""
 
-# Every value #viewer-status[data-state] takes, in order (installed before the page's scripts run).
+# Every value #viewer-status[data-state] takes, in order, installed before the page's own
+# scripts run. Kept in sessionStorage, so the list survives the viewer reloading itself
+# (what it does when noVNC's modules fail to load); "(load)" marks each document.
 RECORD_VIEWER_STATES = """(() => {
-  window.__viewerStates = [];
+  if (!location.pathname.startsWith('/vnc-viewer/')) return;
+  const key = 'streamspace-test-viewer-states';
+  const states = JSON.parse(sessionStorage.getItem(key) || '[]');
+  states.push('(load)');
+  window.__viewerStates = states;
   new MutationObserver((records) => {
     for (const r of records) {
-      if (r.target.id === 'viewer-status') window.__viewerStates.push(r.target.dataset.state);
+      if (r.target.id === 'viewer-status') states.push(r.target.dataset.state);
     }
+    sessionStorage.setItem(key, JSON.stringify(states));
   }).observe(document, { subtree: true, attributes: true, attributeFilter: ['data-state'] });
+  sessionStorage.setItem(key, JSON.stringify(states));
 })();"""
 
 OPEN_SOCKET = """(url) => new Promise((resolve) => {
@@ -96,8 +104,11 @@ class Frame:
             return f"only {self.lit} non-black pixels"
         return None
 
-    def changed_rows(self, other: Frame) -> np.ndarray:
-        return np.nonzero((self.rgb != other.rgb).any(axis=2).any(axis=1))[0]
+    def changed_text_rows(self, other: Frame) -> np.ndarray:
+        """Rows where at least 8 pixels differ: lines of text. (A pointer the desktop
+        hides or shows touches a pixel or two per row, and does not count.)"""
+        per_row = (self.rgb != other.rgb).any(axis=2).sum(axis=1)
+        return np.nonzero(per_row >= 8)[0]
 
     def changed_pixels(self, other: Frame) -> int:
         return int((self.rgb != other.rgb).any(axis=2).sum())
@@ -223,12 +234,13 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
         assert time.monotonic() < deadline, "typing did not change the picture"
         time.sleep(0.2)
     after = desktop_frame(viewer, 10)
-    rows = before.changed_rows(after)
-    assert before.changed_pixels(after) > 200, before.changed_pixels(after)
-    assert rows[-1] - rows[0] > 20, f"only rows {rows[0]}..{rows[-1]} changed: no new line after Enter?"
+    changed = before.changed_pixels(after)
+    lines = before.changed_text_rows(after)
+    assert changed > 200, f"only {changed} pixels changed"
+    assert lines.size and lines[-1] - lines[0] >= 30, f"text changed in rows {lines.tolist()}: no new line after Enter?"
     print(
-        f"desktop: {before.colours} colours, {before.lit} lit pixels; typing changed "
-        f"{before.changed_pixels(after)} pixels in rows {rows[0]}..{rows[-1]}"
+        f"desktop: {before.colours} colours, {before.lit} lit pixels; typing changed {changed} pixels, "
+        f"text in rows {lines[0]}..{lines[-1]}"
     )
 
     # 5. Hibernate from the portal (the viewer closed, so nothing wakes it meanwhile).
@@ -252,7 +264,9 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
     viewer.wait_for_function(VIEWER_CONNECTED, timeout=45_000)
     assert viewer.evaluate("window.streamspaceViewer.connects") == 1
     states = viewer.evaluate("window.__viewerStates")
-    assert "waking" in states and states[-1] == "connected", states
+    assert states[0] == "(load)" and "waking" in states and states[-1] == "connected", states
+    if states.count("(load)") > 1:  # the viewer's own recovery; worth seeing, not a failure
+        print(f"the viewer reloaded itself: {states}\n" + "\n".join(alice_ctx.problems))
     assert state_of(session_id) == "running"
     woken = desktop_frame(viewer, 20)
     assert woken.rgb.shape == (800, 1280, 3)
