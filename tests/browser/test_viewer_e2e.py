@@ -137,6 +137,15 @@ def desktop_frame(page, timeout: float) -> Frame:
     raise AssertionError(f"the viewer's canvas did not show a settled desktop within {timeout}s: {why}")
 
 
+def note_reloads(page, context) -> list[str]:
+    """The viewer's states so far; says so when the viewer had to reload itself (its own
+    recovery from noVNC failing to load: worth seeing, not a failure)."""
+    states = page.evaluate("window.__viewerStates")
+    if states.count("(load)") > 1:
+        print(f"the viewer reloaded itself: {states}", *context.problems, sep="\n  ")
+    return states
+
+
 def login(page, base_url: str, username: str, password: str) -> None:
     page.goto(f"{base_url}/accounts/login/")
     page.fill("#id_username", username)
@@ -222,6 +231,7 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
     viewer.wait_for_function(VIEWER_CONNECTED, timeout=30_000)
     assert viewer.get_attribute("#viewer-status", "data-state") == "connected"
     assert viewer.evaluate("window.streamspaceViewer.connects") == 1
+    note_reloads(viewer, alice_ctx)
     before = desktop_frame(viewer, 20)
     assert before.rgb.shape == (800, 1280, 3)  # the desktop's geometry, not the browser's
 
@@ -263,10 +273,8 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
     viewer.goto(f"{base}/vnc-viewer/{session_id}")
     viewer.wait_for_function(VIEWER_CONNECTED, timeout=45_000)
     assert viewer.evaluate("window.streamspaceViewer.connects") == 1
-    states = viewer.evaluate("window.__viewerStates")
+    states = note_reloads(viewer, alice_ctx)
     assert states[0] == "(load)" and "waking" in states and states[-1] == "connected", states
-    if states.count("(load)") > 1:  # the viewer's own recovery; worth seeing, not a failure
-        print(f"the viewer reloaded itself: {states}\n" + "\n".join(alice_ctx.problems))
     assert state_of(session_id) == "running"
     woken = desktop_frame(viewer, 20)
     assert woken.rgb.shape == (800, 1280, 3)
