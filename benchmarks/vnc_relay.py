@@ -1,22 +1,36 @@
 """How fast and how faithfully the VNC relay moves bytes.
 
 Starts a throwaway PostgreSQL database, two Daphne processes (production settings, the
-Redis pub/sub channel layer), a TCP echo server standing in for the desktop's VNC
-server, and the real agent runtime (``python -m agent_clients`` with the test
-FileBackend, its VNC endpoint pointed at the echo server), connected to process A.
+Redis pub/sub channel layer), a TCP echo server and a desktop simulator
+(``_desktop_sim.py``) standing in for desktops' VNC servers, and two real agent runtimes
+(``python -m agent_clients`` with the test FileBackend), both connected to process A:
+``bench-agent`` whose VNC endpoint is the echo server, ``bench-desktop-agent`` whose VNC
+endpoint is the simulator, each holding one running session of the bench user.
 
 The chain measured: viewer WebSocket -> Daphne (VncConsumer) -> direct call (same
-process) or channel layer (viewer on B) -> AgentConsumer -> agent process -> TCP echo ->
-all the way back. Every figure is an echo, so bytes cross the relay in both directions.
+process) or channel layer (viewer on B) -> AgentConsumer -> agent process -> TCP desktop
+-> all the way back.
 
-* bulk: one stream sending 64 KiB messages flat out (at most IN_FLIGHT unechoed),
+* bulk (echo): one stream sending 64 KiB messages flat out (at most IN_FLIGHT unechoed),
   MB/s (10^6 bytes) echoed back; the same through websockify (a WebSocket bridged
   straight to the echo server) and raw TCP to the echo server;
-* round trip of a 100 B message, p50/p99; ``added_*`` = relay RTT minus raw TCP RTT;
-* N streams (BENCH_STREAMS, default 50) at BENCH_RATE bytes/s each (default 2 MB/s),
-  20 KB messages every 10 ms, each starting with its send time: the p99 of the time
-  until the whole message is back, and the bytes lost (sent minus echoed) plus streams
-  whose echo differs from what was sent (sha256).
+* round trip (echo) of a 100 B message, p50/p99; ``added_*`` = relay RTT minus raw TCP
+  RTT;
+* N streams (BENCH_STREAMS, default 50), asymmetric like VNC: N viewers of the simulated
+  desktop through process A (the same process as its agent: the direct path). The desktop
+  sends each viewer BENCH_RATE bytes/s (default 2 MB/s, a busy desktop's framebuffer
+  updates) as 20 KB data frames every 10 ms for BENCH_STREAM_SECONDS (default 10), while
+  the viewer sends a 16-byte input probe every 20 ms, which the desktop answers in the
+  same outgoing stream, behind the framebuffer data already queued (what a user feels
+  between a key press and the screen). Reported: the probes' round trips across all
+  streams (``streams_p50_ms``/``streams_p99_ms``, probes answered while data flows),
+  ``streams_MBps`` (data delivered downstream, all streams together), ``lost_bytes``
+  (data bytes the desktop sent minus those received, summed over streams; must be 0),
+  ``lost_probes`` (inputs never answered), ``corrupt_streams`` (data differing from the
+  desktop's own count and sha256, sent in its end frame) and ``stream_errors``.
+  The former streams phase, an echo at the rate in BOTH directions (N x 2 MB/s up as
+  well, which no viewer sends), runs only with BENCH_ECHO_STREAMS=1, reported as
+  ``echo_*``.
 
 Run: .venv/bin/python benchmarks/vnc_relay.py      (no arguments; ~2-3 minutes)
 """
@@ -25,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import socket
 import struct
@@ -36,6 +51,7 @@ import uuid
 from _support import REDIS_URL, drop_database, emit, fresh_database, percentile, progress, setup_django
 
 DB_NAME = "streamspace_bench_vnc_relay"
+DESKTOP_AGENT = "bench-desktop-agent"  # its VNC endpoint is the desktop simulator (its region has this name too)
 BULK_SECONDS = float(os.environ.get("BENCH_BULK_SECONDS", "3"))
 BULK_RUNS = int(os.environ.get("BENCH_BULK_RUNS", "2"))  # best of: the machine is shared, runs are noisy
 BULK_CHUNK = 64 * 1024
@@ -44,6 +60,7 @@ RTT_SAMPLES = int(os.environ.get("BENCH_RTT_SAMPLES", "2000"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "50"))
 RATE = int(os.environ.get("BENCH_RATE", str(2_000_000)))
 STREAM_SECONDS = float(os.environ.get("BENCH_STREAM_SECONDS", "10"))
+ECHO_STREAMS = os.environ.get("BENCH_ECHO_STREAMS", "") not in ("", "0")  # also the former echo streams
 TICK = 0.010
 MB = 1e6
 
@@ -244,27 +261,163 @@ class Stream:
                     self.latencies.append((now - t) * 1000)
 
 
-async def streams(url: str) -> dict:
+async def echo_streams(url: str) -> dict:
+    """The former streams phase (BENCH_ECHO_STREAMS=1 only): RATE up AND down per viewer."""
     block = os.urandom(int(RATE * TICK))
     fleet = [Stream(url, block) for _ in range(STREAMS)]
     # open the viewers first (each opens a tunnel through the agent), then stream together
     start_at = time.perf_counter() + 3.0 + STREAMS * 0.02
     await asyncio.gather(*(s.run(start_at + i * TICK / STREAMS, STREAM_SECONDS) for i, s in enumerate(fleet)))
     latencies = [x for s in fleet for x in s.latencies]
-    lost = sum(max(0, s.sent - s.received) for s in fleet)
-    corrupt = sum(1 for s in fleet if s.received == s.sent and s.sent_hash.digest() != s.received_hash.digest())
+    errors = [s.error for s in fleet if s.error]
+    return {
+        "echo_streams_p50_ms": percentile(latencies, 50),
+        "echo_streams_p99_ms": percentile(latencies, 99),
+        "echo_lost_bytes": sum(max(0, s.sent - s.received) for s in fleet),
+        "echo_corrupt_streams": sum(
+            1 for s in fleet if s.received == s.sent and s.sent_hash.digest() != s.received_hash.digest()
+        ),
+        "echo_stream_errors": len(errors),
+        "echo_first_stream_error": errors[0] if errors else "",
+    }
+
+
+# --- streams: viewers of a simulated desktop (_desktop_sim.py), asymmetric like VNC -------
+
+PROBE_EVERY = 0.020  # one input event per viewer every 20 ms
+PROBE = struct.Struct(">dQ")
+FRAME_HEADER = struct.Struct(">cI")
+FIN_SEQ = 2**64 - 1  # the last probe, sent after the end frame: every earlier one must be back
+
+
+class DesktopViewer:
+    """One viewer of the simulated desktop: probes up every PROBE_EVERY, framebuffer data down.
+
+    Parses the frames as they arrive (a WebSocket message holds any slice of the stream),
+    hashing data payloads without buffering them."""
+
+    def __init__(self, url: str, expected: int):
+        self.url, self.expected = url, expected
+        self.received = 0  # data payload bytes
+        self.hash = hashlib.sha256()
+        self.end: tuple[int, bytes] | None = None  # (bytes, sha256) announced by the desktop
+        self.latencies: list[float] = []
+        self.probes_sent = self.probes_back = 0
+        self.error = ""
+        self._header = b""
+        self._kind = b""
+        self._left = 0  # payload bytes still to come in the current frame
+        self._small = b""  # payload of a P or E frame being assembled
+        self._ended = asyncio.Event()
+        self._fin_back = asyncio.Event()
+        self.ended_at = 0.0
+
+    async def run(self, start_at: float) -> None:
+        try:
+            async with WsPipe(self.url) as pipe:
+                reader = asyncio.create_task(self._reader(pipe))
+                try:
+                    await self._prober(pipe, start_at)
+                    await pipe.send(PROBE.pack(time.perf_counter(), FIN_SEQ))
+                    await asyncio.wait_for(self._fin_back.wait(), 30)
+                finally:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+        except Exception as exc:
+            self.error = f"{exc.__class__.__name__}: {exc}"
+
+    async def _prober(self, pipe, start_at: float) -> None:
+        ended = asyncio.create_task(self._ended.wait())
+        try:
+            for k in itertools.count():
+                delay = start_at + k * PROBE_EVERY - time.perf_counter()
+                if delay > 0:
+                    await asyncio.wait({ended}, timeout=delay)
+                if self._ended.is_set():
+                    return
+                if k > (STREAM_SECONDS + 30) / PROBE_EVERY:
+                    raise TimeoutError("the desktop never sent its end frame")
+                await pipe.send(PROBE.pack(time.perf_counter(), k))
+                self.probes_sent += 1
+        finally:
+            ended.cancel()
+
+    async def _reader(self, pipe) -> None:
+        while True:
+            self._feed(memoryview(await pipe.recv()))
+
+    def _feed(self, data: memoryview) -> None:
+        while data:
+            if not self._kind:
+                need = FRAME_HEADER.size - len(self._header)
+                self._header += data[:need]
+                data = data[need:]
+                if len(self._header) == FRAME_HEADER.size:
+                    self._kind, self._left = FRAME_HEADER.unpack(self._header)
+                    self._header = b""
+                    if self._kind not in (b"D", b"P", b"E"):
+                        raise ValueError(f"unknown frame type {self._kind!r}")
+                    if not self._left:
+                        self._kind = b""
+                continue
+            piece = data[: self._left]
+            data = data[self._left :]
+            self._left -= len(piece)
+            if self._kind == b"D":
+                self.received += len(piece)
+                self.hash.update(piece)
+            else:
+                self._small += piece
+            if not self._left:
+                self._frame_done(self._kind, self._small)
+                self._kind, self._small = b"", b""
+
+    def _frame_done(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"P":
+            sent_at, seq = PROBE.unpack(payload)
+            if seq == FIN_SEQ:
+                self._fin_back.set()
+                return
+            self.probes_back += 1
+            if not self._ended.is_set():  # probes answered after the end frame saw no load
+                self.latencies.append((time.perf_counter() - sent_at) * 1000)
+        elif kind == b"E":
+            total, digest = struct.unpack(">Q32s", payload)
+            self.end = (total, digest)
+            self.ended_at = time.perf_counter()
+            self._ended.set()
+
+
+async def streams(url: str) -> dict:
+    expected = int(RATE * STREAM_SECONDS)
+    fleet = [DesktopViewer(url, expected) for _ in range(STREAMS)]
+    # open the viewers first (each opens a tunnel through the agent); the desktop starts a
+    # stream's data at its first probe, so the streams run together from start_at
+    start_at = time.perf_counter() + 3.0 + STREAMS * 0.02
+    await asyncio.gather(*(s.run(start_at + i * PROBE_EVERY / STREAMS) for i, s in enumerate(fleet)))
+    done = time.perf_counter()
+    elapsed = max(s.ended_at or done for s in fleet) - start_at  # until the last end frame (or error)
+    latencies = [x for s in fleet for x in s.latencies]
     errors = [s.error for s in fleet if s.error]
     closed = [s for s in fleet if s.error]
+    corrupt = sum(
+        1 for s in fleet if s.end is not None and (s.end != (s.received, s.hash.digest()) or s.end[0] != expected)
+    )
     return {
         "streams": STREAMS,
         "stream_rate_MBps": RATE / MB,
         "streams_p50_ms": percentile(latencies, 50),
         "streams_p99_ms": percentile(latencies, 99),
         "streams_max_ms": max(latencies) if latencies else float("nan"),
-        "streams_sent_MB": sum(s.sent for s in fleet) / MB,
-        "lost_bytes": lost,
+        "streams_probes": len(latencies),
+        "streams_MB": sum(s.received for s in fleet) / MB,
+        # delivered downstream per second, from the common start until the last end frame arrived
+        "streams_MBps": sum(s.received for s in fleet) / max(elapsed, 1e-9) / MB,
+        "lost_bytes": sum(max(0, expected - s.received) for s in fleet),
         # of which in streams the relay closed with a reason (not silent loss: a viewer reconnects)
-        "lost_bytes_in_closed_streams": sum(max(0, s.sent - s.received) for s in closed),
+        "lost_bytes_in_closed_streams": sum(max(0, expected - s.received) for s in closed),
+        # input events sent but never answered (counted in streams that got the last probe back)
+        "lost_probes": sum(s.probes_sent - s.probes_back for s in fleet if s._fin_back.is_set()),
         "corrupt_streams": corrupt,
         "stream_errors": len(errors),
         "first_stream_error": errors[0] if errors else "",
@@ -285,7 +438,8 @@ def make_user_and_agent():
     Quota.objects.create(user=user, max_sessions=10, max_cpu=100, max_memory_mb=100_000)
     Template.objects.create(slug="bench", name="Bench", image="img:1", default_cpu=0.1, default_memory_mb=64)
     _, token, _ = agent_register(agent_id="bench-agent", platform="docker", region="bench")
-    return str(AccessToken.for_user(user)), token
+    _, desktop_token, _ = agent_register(agent_id=DESKTOP_AGENT, platform="docker", region=DESKTOP_AGENT)
+    return str(AccessToken.for_user(user)), token, desktop_token
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -337,8 +491,11 @@ async def pyspy(cp, name: str, seconds: float, *more):
     return asyncio.gather(*(p.wait() for p in procs))
 
 
-async def measure(cp_a, cp_b, session_id: str, jwt: str, echo_port: int, wsfy_port: int) -> dict:
+async def measure(
+    cp_a, cp_b, session_id: str, desktop_session_id: str, jwt: str, echo_port: int, wsfy_port: int
+) -> dict:
     url_a = f"{cp_a.ws_url}/api/v1/vnc/{session_id}?token={jwt}"
+    desktop_url = f"{cp_a.ws_url}/api/v1/vnc/{desktop_session_id}?token={jwt}"
     url_b = f"{cp_b.ws_url}/api/v1/vnc/{session_id}?token={jwt}"
     url_wsfy = f"ws://127.0.0.1:{wsfy_port}/"
     f: dict = {}
@@ -376,13 +533,29 @@ async def measure(cp_a, cp_b, session_id: str, jwt: str, echo_port: int, wsfy_po
     f["ratio_vs_websockify"] = f["relay_MBps"] / f["websockify_MBps"]
     f["cross_ratio_vs_websockify"] = f["relay_cross_MBps"] / f["websockify_MBps"]
 
-    progress(f"{STREAMS} streams x {RATE / MB:g} MB/s for {STREAM_SECONDS:g}s through the relay (one process) ...")
-    f.update(await streams(url_a))
+    progress(
+        f"{STREAMS} viewers of a simulated desktop sending {RATE / MB:g} MB/s each for {STREAM_SECONDS:g}s,"
+        f" a 16 B input probe every {PROBE_EVERY * 1000:g} ms up, through the relay (one process) ..."
+    )
+    c0, t0 = cpu_times(), time.perf_counter()
+    f.update(await streams(desktop_url))
+    c1, t1 = cpu_times(), time.perf_counter()
+    LAST_CPU.clear()
+    LAST_CPU.update({k: (c1[k] - c0[k]) / (t1 - t0) for k in c0 if k in c1})
     progress(
         f"  p50 {f['streams_p50_ms']:.1f} ms  p99 {f['streams_p99_ms']:.1f} ms  max {f['streams_max_ms']:.1f} ms"
-        f"  lost {f['lost_bytes']} B  corrupt {f['corrupt_streams']}  errors {f['stream_errors']}"
-        f" {f['first_stream_error']}"
+        f"  ({f['streams_probes']} probes)  {f['streams_MBps']:.1f} MB/s down  lost {f['lost_bytes']} B"
+        f"  lost probes {f['lost_probes']}  corrupt {f['corrupt_streams']}  errors {f['stream_errors']}"
+        f" {f['first_stream_error']}\n" + cpu_line()
     )
+    if ECHO_STREAMS:
+        progress(f"{STREAMS} echo streams x {RATE / MB:g} MB/s up and down (BENCH_ECHO_STREAMS) ...")
+        f.update(await echo_streams(url_a))
+        progress(
+            f"  p50 {f['echo_streams_p50_ms']:.1f} ms  p99 {f['echo_streams_p99_ms']:.1f} ms"
+            f"  lost {f['echo_lost_bytes']} B  corrupt {f['echo_corrupt_streams']}"
+            f"  errors {f['echo_stream_errors']} {f['echo_first_stream_error']}"
+        )
     return f
 
 
@@ -395,7 +568,7 @@ def main() -> int:
         "SECURE_SSL_REDIRECT": "false", "LOG_LEVEL": "WARNING", "CHANNEL_PREFIX": prefix, "REDIS_URL": REDIS_URL,
     }  # fmt: skip
     setup_django(url, **production)
-    jwt, agent_token = make_user_and_agent()
+    jwt, agent_token, desktop_token = make_user_and_agent()
     from django.db import connections
 
     connections.close_all()
@@ -439,9 +612,35 @@ def main() -> int:
         session_id = body["id"]
         wait_for(lambda: Session.objects.get(pk=session_id).state == "running", 20,
                  f"the session to run\n{agent.output()}")  # fmt: skip
+
+        # the streams' desktop: the simulator behind a second agent (on A), with its session
+        # placed there by region (started after the echo session, which cannot land on it)
+        desktop_port = free_port()
+        sim = Process("bench-desktop-sim", [PYTHON, os.path.join("benchmarks", "_desktop_sim.py"), str(desktop_port),
+                      str(RATE), str(STREAM_SECONDS)], dict(os.environ))  # fmt: skip
+        procs.append(sim.start())
+        desktop_agent = agent_process(
+            cp_a, DESKTOP_AGENT, desktop_token, backend="tests.support.file_backend:FileBackend",
+            FILE_BACKEND_DIR=os.path.join(state_dir, "desktop"), FILE_BACKEND_VNC=f"127.0.0.1:{desktop_port}",
+            LOG_LEVEL="WARNING", REGION=DESKTOP_AGENT,
+        )  # fmt: skip
+        procs.append(desktop_agent.start())
+        PIDS.update({"desktop agent": desktop_agent.proc.pid, "desktop sim": sim.proc.pid})
+        wait_for(lambda: port_open(desktop_port), 15, f"the desktop simulator\n{sim.output()}")
+        wait_for(lambda: Agent.objects.get(agent_id=DESKTOP_AGENT).status == "online", 20,
+                 f"the desktop agent to come online\n{desktop_agent.output()}")  # fmt: skip
+        status, body = cp_a.request("POST", "/api/v1/sessions", jwt, {"template": "bench", "region": DESKTOP_AGENT})
+        if status != 201:
+            raise RuntimeError(f"POST /api/v1/sessions (desktop) answered {status}: {body}")
+        desktop_session_id = body["id"]
+        wait_for(lambda: Session.objects.get(pk=desktop_session_id).state == "running", 20,
+                 f"the desktop session to run\n{desktop_agent.output()}")  # fmt: skip
+        placed = Session.objects.get(pk=desktop_session_id).agent.agent_id
+        if placed != DESKTOP_AGENT:
+            raise RuntimeError(f"the desktop session landed on {placed}, not {DESKTOP_AGENT}")
         connections.close_all()
-        figures = asyncio.run(measure(cp_a, cp_b, session_id, jwt, echo_port, wsfy_port))
-        for p in (cp_a, cp_b, agent):
+        figures = asyncio.run(measure(cp_a, cp_b, session_id, desktop_session_id, jwt, echo_port, wsfy_port))
+        for p in (cp_a, cp_b, agent, desktop_agent, sim):
             if not p.alive:
                 raise RuntimeError(f"{p.name} died during the benchmark:\n{p.output()}")
     finally:
