@@ -38,7 +38,7 @@ import uuid
 from _support import REDIS_URL, drop_database, emit, fresh_database, median, percentile, progress, setup_django
 
 N = int(os.environ.get("BENCH_SESSIONS", "20"))
-IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-1")
+IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-2")
 CPU = 0.5
 MEMORY_MB = 256
 POLL = 0.01  # seconds between looks at the session row / the published port

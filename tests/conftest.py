@@ -35,7 +35,7 @@ def template(db):
     from sessions_app.models import Template
 
     return Template.objects.create(
-        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-1", default_cpu=1.0, default_memory_mb=1024
+        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-2", default_cpu=1.0, default_memory_mb=1024
     )
 
 

@@ -52,7 +52,14 @@ while [ ! -S /tmp/.X11-unix/X1 ]; do
     sleep 0.1
 done
 
-openbox >/dev/null 2>&1 &
+# Start the window manager and wait (bounded) until it has taken the display: an xterm
+# mapped while openbox is still starting could stay unmanaged and invisible (seen after wakes).
+openbox --startup "touch $RUN_DIR/wm-ready" >/dev/null 2>&1 &
+i=0
+while [ ! -e "$RUN_DIR/wm-ready" ] && [ "$i" -lt 100 ]; do
+    i=$((i + 1))
+    sleep 0.1
+done
 
 # The terminal: restarted whenever it exits, for as long as the X server lives.
 (

@@ -59,7 +59,7 @@ def desktop_template(transactional_db):
         slug="desktop",
         name="Desktop",
         description="Openbox and an xterm.",
-        image="streamspace/desktop:bookworm-1",
+        image="streamspace/desktop:bookworm-2",
         vnc_port=5901,
         volume_mount_path="/home/user",
         default_cpu=0.5,
