@@ -15,6 +15,47 @@ def django_db_setup(django_db_setup):
     assert "postgresql" in engine, "run the tests with DATABASE_URL pointing at PostgreSQL (see README)"
 
 
+@pytest.fixture(scope="session")
+def control_plane(django_db_setup, django_db_blocker):
+    """A real Daphne process on the test database and the Redis channel layer, shared by
+    every socket and end-to-end test (tables are emptied between tests)."""
+    from tests.live import ControlPlane
+
+    cp = ControlPlane("daphne-a").start()
+    yield cp
+    cp.stop()
+
+
+@pytest.fixture(scope="session")
+def control_plane_b(django_db_setup, django_db_blocker):
+    """A second Daphne process on the same database and channel layer (routing across processes)."""
+    from tests.live import ControlPlane
+
+    cp = ControlPlane("daphne-b").start()
+    yield cp
+    cp.stop()
+
+
+DESKTOP_IMAGE = "streamspace/desktop:bookworm-2"
+
+
+@pytest.fixture
+def desktop_template(transactional_db):
+    """The demo desktop template, for tests on the real engine."""
+    from sessions_app.models import Template
+
+    return Template.objects.create(
+        slug="desktop",
+        name="Desktop",
+        description="Openbox and an xterm.",
+        image=DESKTOP_IMAGE,
+        vnc_port=5901,
+        volume_mount_path="/home/user",
+        default_cpu=0.5,
+        default_memory_mb=512,
+    )
+
+
 @pytest.fixture
 def alice(django_user_model):
     return django_user_model.objects.create_user("alice", password="alice-password-1")

@@ -1,4 +1,4 @@
-"""Browser fixtures: two Daphne processes (A holds the Docker agent, B serves the browser),
+"""Browser fixtures: the shared Daphne processes (A holds the Docker agent, B serves the browser),
 a real Docker agent process, the desktop template, and one headless Chromium per module
 driven by Playwright (Debian's /usr/bin/chromium; never ``playwright install``).
 
@@ -35,47 +35,15 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-@pytest.fixture(scope="session")
-def daphne_a(django_db_setup, django_db_blocker):
-    """The process the agent connects to."""
-    cp = ControlPlane("browser-daphne-a").start()
-    yield cp
-    cp.stop()
-
-
-@pytest.fixture(scope="session")
-def daphne_b(django_db_setup, django_db_blocker):
-    """The process the browser talks to: VNC bytes cross the Redis channel layer."""
-    cp = ControlPlane("browser-daphne-b").start()
-    yield cp
-    cp.stop()
-
-
 @pytest.fixture
-def desktop_template(transactional_db):
-    from sessions_app.models import Template
-
-    return Template.objects.create(
-        slug="desktop",
-        name="Desktop",
-        description="Openbox and an xterm.",
-        image="streamspace/desktop:bookworm-2",
-        vnc_port=5901,
-        volume_mount_path="/home/user",
-        default_cpu=0.5,
-        default_memory_mb=512,
-    )
-
-
-@pytest.fixture
-def docker_agent(transactional_db, docker_client, daphne_a):  # noqa: F811
+def docker_agent(transactional_db, docker_client, control_plane):  # noqa: F811
     """A real Docker agent process (``agent_clients.docker_agent``) connected to Daphne A."""
     from agents_app.models import Agent
     from agents_app.services import agent_register
 
     agent_id = f"{RUN_ID}-browser"
     _, token, _ = agent_register(agent_id=agent_id, platform="docker", region="test")
-    proc = agent_process(daphne_a, agent_id, token, module="agent_clients.docker_agent").start()
+    proc = agent_process(control_plane, agent_id, token, module="agent_clients.docker_agent").start()
     proc.agent_id = agent_id
     try:
         wait_for(
@@ -87,7 +55,7 @@ def docker_agent(transactional_db, docker_client, daphne_a):  # noqa: F811
         assert proc.alive, f"the Docker agent exited:\n{proc.output()}"
         yield proc
     finally:
-        _terminate_leftovers(daphne_a, agent_id, proc)
+        _terminate_leftovers(control_plane, agent_id, proc)
         proc.stop(15)
 
 

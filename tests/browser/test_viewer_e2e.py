@@ -193,13 +193,13 @@ def state_of(session_id: str) -> str:
 
 
 def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
-    daphne_a, daphne_b, docker_agent, docker_client, desktop_template, alice, bob, new_context
+    control_plane, control_plane_b, docker_agent, docker_client, desktop_template, alice, bob, new_context
 ):
     from agents_app.models import AgentCommand
     from sessions_app.models import Session
 
     started = time.monotonic()
-    base = daphne_b.http_url
+    base = control_plane_b.http_url
     alice_ctx = new_context("alice")
     alice_ctx.add_init_script(RECORD_VIEWER_STATES)
 
@@ -295,13 +295,13 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
     response = bob_page.goto(f"{base}/vnc-viewer/{session_id}")
     assert response.status == 404
     assert password not in bob_page.content()
-    socket_url = f"{daphne_b.ws_url}/api/v1/vnc/{session_id}"
+    socket_url = f"{control_plane_b.ws_url}/api/v1/vnc/{session_id}"
     bob_page.goto(f"{base}/")
     from_page = bob_page.evaluate(OPEN_SOCKET, socket_url)
     assert from_page["code"] == 4404 and from_page["received"] == 0, from_page
-    code, first = vnc_socket_close_code(f"{socket_url}?token={jwt(daphne_b, 'bob', BOB_PASSWORD)}")
+    code, first = vnc_socket_close_code(f"{socket_url}?token={jwt(control_plane_b, 'bob', BOB_PASSWORD)}")
     assert code == 4404 and first == b"", (code, first)
-    code, first = vnc_socket_close_code(f"{socket_url}?token={jwt(daphne_b, 'alice', ALICE_PASSWORD)}")
+    code, first = vnc_socket_close_code(f"{socket_url}?token={jwt(control_plane_b, 'alice', ALICE_PASSWORD)}")
     assert code is None and first.startswith(b"RFB 003."), (code, first)
 
     # 7. Terminate from the portal: the row goes away by itself, the viewer says the session

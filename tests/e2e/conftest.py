@@ -1,9 +1,7 @@
 """End-to-end fixtures: real Daphne control planes, real Docker agent processes on the real
 engine, the desktop template. Reusable by any end-to-end suite (API, browser).
 
-* ``control_plane`` / ``control_plane_b``: Daphne processes ("daphne-a", "daphne-b") on the
-  test database and the Redis channel layer (session-scoped).
-* ``desktop_template``: the demo template row pointing at the desktop image.
+* ``control_plane`` / ``control_plane_b`` and ``desktop_template`` come from tests/conftest.py.
 * ``docker_stack``: a factory that registers an agent (id prefixed with
   ``tests.docker.conftest.RUN_ID``, so the leftover checks cover what it creates), starts
   ``python -m agent_clients.docker_agent`` connected to a control plane, and waits until the
@@ -19,42 +17,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.docker.conftest import IMAGE, RUN_ID, docker_client  # noqa: F401 (re-exported fixture)
+from tests.docker.conftest import RUN_ID, docker_client  # noqa: F401 (re-exported fixture)
 from tests.live import ControlPlane, Process, agent_process, wait_for
 
 _agent_numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def control_plane(django_db_setup, django_db_blocker):
-    """The Daphne process agents connect to (tables are emptied between tests)."""
-    cp = ControlPlane("daphne-a").start()
-    yield cp
-    cp.stop()
-
-
-@pytest.fixture(scope="session")
-def control_plane_b(django_db_setup, django_db_blocker):
-    """A second Daphne process on the same database and channel layer."""
-    cp = ControlPlane("daphne-b").start()
-    yield cp
-    cp.stop()
-
-
-@pytest.fixture
-def desktop_template(transactional_db):
-    from sessions_app.models import Template
-
-    return Template.objects.create(
-        slug="desktop",
-        name="Desktop",
-        description="Openbox and an xterm.",
-        image=IMAGE,
-        vnc_port=5901,
-        volume_mount_path="/home/user",
-        default_cpu=0.5,
-        default_memory_mb=512,
-    )
 
 
 def jwt_for(user) -> str:

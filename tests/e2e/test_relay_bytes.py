@@ -24,7 +24,7 @@ from agents_app.services import agent_register
 from sessions_app.models import Session, Template
 from sessions_app.states import State
 from tests.channel.test_agent_socket import jwt
-from tests.live import PYTHON, ControlPlane, Process, agent_process, free_port, wait_for
+from tests.live import PYTHON, Process, agent_process, free_port, wait_for
 from vnc_app.models import VNCConnection
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -32,20 +32,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 VIEWERS = 4
 BYTES_PER_VIEWER = 6 * 1024 * 1024  # 24 MiB per direction in all
 IN_FLIGHT = 2 * 1024 * 1024  # a viewer keeps at most this much unechoed (below the relay's 8 MiB limit)
-
-
-@pytest.fixture(scope="module")
-def relay_cp_a(django_db_setup, django_db_blocker):
-    cp = ControlPlane("relay-daphne-a").start()
-    yield cp
-    cp.stop()
-
-
-@pytest.fixture(scope="module")
-def relay_cp_b(django_db_setup, django_db_blocker):
-    cp = ControlPlane("relay-daphne-b").start()
-    yield cp
-    cp.stop()
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +49,11 @@ def desktop(transactional_db):
 
 
 @pytest.fixture
-def running_agent(relay_cp_a, echo_port, tmp_path):
+def running_agent(control_plane, echo_port, tmp_path):
     """The real agent runtime on control plane A, its FileBackend pointing VNC at the echo server."""
     _, token, _ = agent_register(agent_id="relay-agent", platform="docker", region="test")
     proc = agent_process(
-        relay_cp_a,
+        control_plane,
         "relay-agent",
         token,
         backend="tests.support.file_backend:FileBackend",
@@ -119,16 +105,16 @@ async def run_viewers(url: str, payloads: list[bytes]) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("two_processes", [False, True], ids=["one-process", "two-processes"])
 def test_tens_of_megabytes_arrive_complete_and_in_order_through_the_real_agent(
-    relay_cp_a, relay_cp_b, running_agent, alice, desktop, two_processes
+    control_plane, control_plane_b, running_agent, alice, desktop, two_processes
 ):
-    status, body = relay_cp_a.request("POST", "/api/v1/sessions", jwt(alice), {"template": "desktop"})
+    status, body = control_plane.request("POST", "/api/v1/sessions", jwt(alice), {"template": "desktop"})
     assert status == 201, body
     session_id = body["id"]
     wait_for(lambda: Session.objects.get(pk=session_id).state == State.RUNNING, 10,
              what=f"session running\n{running_agent.output()}")  # fmt: skip
     assert Session.objects.get(pk=session_id).agent.agent_id == "relay-agent"
 
-    viewer_cp = relay_cp_b if two_processes else relay_cp_a
+    viewer_cp = control_plane_b if two_processes else control_plane
     url = f"{viewer_cp.ws_url}/api/v1/vnc/{session_id}?token={jwt(alice)}"
     payloads = [os.urandom(BYTES_PER_VIEWER) for _ in range(VIEWERS)]
     results = asyncio.run(run_viewers(url, payloads))
