@@ -44,6 +44,22 @@ def drop_database(name: str) -> None:
     conn.close()
 
 
+def production_env() -> dict[str, str]:
+    """Settings every benchmark process runs with: as deployed (DEBUG off, so no query log),
+    one signing key for all processes, and a channel prefix of its own."""
+    import uuid
+
+    return {
+        "DEBUG": "false",
+        "SECRET_KEY": uuid.uuid4().hex * 2,
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "SECURE_SSL_REDIRECT": "false",
+        "LOG_LEVEL": "WARNING",
+        "CHANNEL_PREFIX": f"bench-{uuid.uuid4().hex[:6]}",
+        "REDIS_URL": REDIS_URL,
+    }
+
+
 def setup_django(database_url: str, **env: str) -> None:
     os.environ["DATABASE_URL"] = database_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "streamspace.settings")

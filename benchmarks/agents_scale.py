@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 
-from _support import REDIS_URL, drop_database, emit, fresh_database, percentile, progress, setup_django
+from _support import drop_database, emit, fresh_database, percentile, production_env, progress, setup_django
 
 N = int(os.environ.get("BENCH_AGENTS", "2000"))
 HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "10"))
@@ -285,11 +285,7 @@ async def scenario(cp, jwt: str, tokens: dict[str, str]) -> dict:
 def main() -> int:
     progress(f"preparing database {DB_NAME} ...")
     url = fresh_database(DB_NAME)
-    prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    production = {  # measured as deployed: DEBUG off (no query log), same signing key on both sides
-        "DEBUG": "false", "SECRET_KEY": uuid.uuid4().hex * 2, "ALLOWED_HOSTS": "127.0.0.1",
-        "SECURE_SSL_REDIRECT": "false", "LOG_LEVEL": "WARNING", "CHANNEL_PREFIX": prefix, "REDIS_URL": REDIS_URL,
-    }  # fmt: skip
+    production = production_env()
     setup_django(url, **production)
     tokens, jwt = make_agents_and_user()
     from django.db import connections

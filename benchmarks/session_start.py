@@ -35,7 +35,16 @@ import sys
 import time
 import uuid
 
-from _support import REDIS_URL, drop_database, emit, fresh_database, median, percentile, progress, setup_django
+from _support import (
+    drop_database,
+    emit,
+    fresh_database,
+    median,
+    percentile,
+    production_env,
+    progress,
+    setup_django,
+)
 
 N = int(os.environ.get("BENCH_SESSIONS", "20"))
 IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-2")
@@ -250,11 +259,7 @@ def figures_from(product: list[dict], cli: list[float]) -> dict:
 def main() -> int:
     progress(f"preparing database {DB_NAME} ...")
     url = fresh_database(DB_NAME)
-    prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    production = {  # measured as deployed: DEBUG off (no query log), same signing key on both sides
-        "DEBUG": "false", "SECRET_KEY": uuid.uuid4().hex * 2, "ALLOWED_HOSTS": "127.0.0.1",
-        "SECURE_SSL_REDIRECT": "false", "LOG_LEVEL": "WARNING", "CHANNEL_PREFIX": prefix, "REDIS_URL": REDIS_URL,
-    }  # fmt: skip
+    production = production_env()
     setup_django(url, **production)
     jwt, agent_id, token = setup_rows()
     cli_agent = f"{agent_id}-cli"  # the label on the by-hand objects, so the cleanup finds them
@@ -276,11 +281,11 @@ def main() -> int:
         api = ApiClient(cp.http_url, jwt)
         progress("warm-up round (not counted) ...")
         product_round(api, cp.ws_url, jwt)
-        cli_round(prefix, 0, cli_labels)
+        cli_round(production["CHANNEL_PREFIX"], 0, cli_labels)
         progress(f"{N} sessions, product and docker CLI alternating ...")
         for i in range(1, N + 1):
             product.append(product_round(api, cp.ws_url, jwt))
-            cli.append(cli_round(prefix, i, cli_labels))
+            cli.append(cli_round(production["CHANNEL_PREFIX"], i, cli_labels))
             r = product[-1]
             progress(
                 f"  {i:>3}/{N}: running {r['start']:.3f}s (api {r['api_post']:.3f}, dispatch {r['dispatch']:.3f}, "

@@ -46,9 +46,8 @@ import struct
 import sys
 import tempfile
 import time
-import uuid
 
-from _support import REDIS_URL, drop_database, emit, fresh_database, percentile, progress, setup_django
+from _support import drop_database, emit, fresh_database, percentile, production_env, progress, setup_django
 
 DB_NAME = "streamspace_bench_vnc_relay"
 DESKTOP_AGENT = "bench-desktop-agent"  # its VNC endpoint is the desktop simulator (its region has this name too)
@@ -562,11 +561,7 @@ async def measure(
 def main() -> int:
     progress(f"preparing database {DB_NAME} ...")
     url = fresh_database(DB_NAME)
-    prefix = f"bench-{uuid.uuid4().hex[:6]}"
-    production = {  # measured as deployed: DEBUG off, same signing key on every process
-        "DEBUG": "false", "SECRET_KEY": uuid.uuid4().hex * 2, "ALLOWED_HOSTS": "127.0.0.1",
-        "SECURE_SSL_REDIRECT": "false", "LOG_LEVEL": "WARNING", "CHANNEL_PREFIX": prefix, "REDIS_URL": REDIS_URL,
-    }  # fmt: skip
+    production = production_env()
     setup_django(url, **production)
     jwt, agent_token, desktop_token = make_user_and_agent()
     from django.db import connections
