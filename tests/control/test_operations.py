@@ -1,0 +1,86 @@
+"""Health probes, the API schema and docs, and the management commands."""
+
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from agents_app.models import Agent
+from agents_app.services import agent_authenticate
+from sessions_app.models import Template
+
+pytestmark = pytest.mark.django_db
+
+
+def test_healthz_answers_while_the_process_is_up(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_readyz_checks_the_database_and_the_channel_layer(client):
+    body = client.get("/readyz").json()
+    assert body == {"status": "ok", "checks": {"database": "ok", "channel_layer": "ok"}}
+
+
+def test_the_openapi_schema_names_every_endpoint(client):
+    response = client.get("/api/schema/", HTTP_ACCEPT="application/json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    for path in ("/api/v1/sessions", "/api/v1/sessions/{session_id}", "/api/v1/sessions/{session_id}/wake",
+                 "/api/v1/agents/register", "/api/v1/agents", "/api/v1/templates", "/api/v1/auth/token"):  # fmt: skip
+        assert path in paths
+
+
+def test_swagger_ui_is_served_without_a_cdn(client):
+    html = client.get("/api/docs/").content.decode()
+    assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in html
+    assert "cdn" not in html.lower()
+
+
+def run(*args):
+    out = io.StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def test_bootstrap_admin_uses_admin_password_and_is_idempotent(monkeypatch, django_user_model):
+    monkeypatch.setenv("ADMIN_PASSWORD", "a-strong-admin-password")
+    assert "from ADMIN_PASSWORD" in run("bootstrap_admin")
+    admin = django_user_model.objects.get(username="admin")
+    assert admin.is_superuser and admin.check_password("a-strong-admin-password")
+    assert "exists" in run("bootstrap_admin")
+
+
+def test_bootstrap_admin_prints_a_generated_password_once(monkeypatch, django_user_model):
+    monkeypatch.delenv("ADMIN_PASSWORD", raising=False)
+    out = run("bootstrap_admin")
+    password = out.split("password: ")[1].split()[0]
+    assert django_user_model.objects.get(username="admin").check_password(password)
+
+
+def test_agent_token_creates_then_rotates():
+    token = run("agent_token", "docker-9", "--platform", "docker", "--quiet").strip()
+    agent = Agent.objects.get(agent_id="docker-9")
+    assert agent_authenticate(agent_id="docker-9", raw_token=token) == agent
+    rotated = run("agent_token", "docker-9", "--quiet").strip()
+    assert rotated != token
+    assert agent_authenticate(agent_id="docker-9", raw_token=token) is None
+    assert agent_authenticate(agent_id="docker-9", raw_token=rotated) == agent
+    assert token not in Agent.objects.get(pk=agent.pk).token_hash
+
+
+def test_agent_token_refuses_an_unknown_agent_without_a_platform():
+    with pytest.raises(CommandError, match="pass --platform"):
+        call_command("agent_token", "nobody")
+    assert not Agent.objects.exists()
+
+
+def test_load_demo_templates_is_idempotent():
+    run("load_demo_templates")
+    run("load_demo_templates")
+    assert Template.objects.filter(slug__startswith="debian-desktop").count() == 2
+
+
+def test_drain_agent_stops_new_sessions_landing_on_it(agent):
+    assert "draining" in run("drain_agent", agent.agent_id)
+    assert Agent.objects.get(pk=agent.pk).status == "draining"
