@@ -61,6 +61,14 @@ def spec(session_id="5b0c7e62-1f3a-4c2d-9e8f-7a6b5c4d3e2f", **kw):
     return SessionSpec(**base)
 
 
+async def eventually(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (bounded) instead of sleeping a fixed time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def live(emu, plural, name):
     try:
         return not emu.objects[plural, NS, name].deleted
@@ -376,14 +384,16 @@ async def test_watch_emits_changes(emulator, kubelet):
     stop = threading.Event()
     thread = threading.Thread(target=backend.watch, args=(events.append, stop), daemon=True)
     thread.start()
-    await asyncio.sleep(0.2)
     # A pod that starts failing by itself (the image vanished from the registry).
     kubelet.broken_images.add(s.image)
     del emulator.objects["v1/pods", NS, next(k[2] for k in emulator.objects if k[0].plural == "pods")]
-    await asyncio.sleep(0.4)
+
+    def states():
+        return [e.state for e in events if e.session_id == s.session_id]
+
+    await eventually(lambda: "failed" in states(), what="the watch to report the failing pod")
     await asyncio.to_thread(backend.terminate, s.session_id)
-    await asyncio.sleep(0.3)
+    await eventually(lambda: states()[-1] == "missing", what="the watch to report the session gone")
     stop.set()
     await asyncio.to_thread(thread.join, 2)
-    states = [e.state for e in events if e.session_id == s.session_id]
-    assert "failed" in states and states[-1] == "missing"
+    assert "failed" in states() and states()[-1] == "missing"
