@@ -382,8 +382,11 @@ async def test_watch_emits_changes(emulator, kubelet):
     await asyncio.to_thread(backend.create, s)
     events: list[SessionStatus] = []
     stop = threading.Event()
+    polls_before = len(requests_to(emulator, "GET", "deployments"))
     thread = threading.Thread(target=backend.watch, args=(events.append, stop), daemon=True)
     thread.start()
+    # The watch's first poll is its baseline: break the pod only after a second poll began.
+    await eventually(lambda: len(requests_to(emulator, "GET", "deployments")) >= polls_before + 2, what="two polls")
     # A pod that starts failing by itself (the image vanished from the registry).
     kubelet.broken_images.add(s.image)
     del emulator.objects["v1/pods", NS, next(k[2] for k in emulator.objects if k[0].plural == "pods")]
