@@ -150,7 +150,10 @@ def agent_hello(*, agent_pk: int, payload: dict) -> None:
             session_services.session_reconcile(session=session, reported="missing")
         else:
             session_services.session_reconcile(
-                session=session, reported=entry["state"], detail=entry.get("detail") or "", endpoint=_endpoint(entry)
+                session=session,
+                reported=entry["state"],
+                detail=entry.get("detail") or "",
+                endpoint=session_services.endpoint_fields(entry),
             )
     requeued = command_requeue_unfinished(agent_pk=agent_pk)
     if requeued:
@@ -167,15 +170,6 @@ def _reported_sessions(items: list) -> dict[str, dict]:
         ):
             out[item["session_id"]] = item
     return out
-
-
-def _endpoint(entry: dict) -> dict:
-    fields = {}
-    if isinstance(entry.get("vnc_host"), str):
-        fields["vnc_host"] = entry["vnc_host"]
-    if isinstance(entry.get("vnc_port"), int):
-        fields["vnc_port"] = entry["vnc_port"]
-    return fields
 
 
 def agent_heartbeat(*, agent_pk: int, payload: dict) -> None:
@@ -217,9 +211,7 @@ def command_ack(*, agent_pk: int, command_id: str) -> None:
         return  # a late or repeated ack changes nothing
     AgentCommand.objects.filter(pk=command.pk).update(status=AgentCommand.Status.ACKED, acked_at=timezone.now())
     if command.type == AgentCommand.Type.CREATE_SESSION and command.session_id:
-        session = Session.objects.select_for_update().filter(pk=command.session_id, state=State.PENDING).first()
-        if session is not None:
-            session_services._move(session, State.STARTING)
+        session_services.session_on_create_acked(command=command)
 
 
 @transaction.atomic

@@ -34,8 +34,8 @@ def sweep_silent_agents() -> dict:
             state=State.RUNNING, agent__status=Agent.Status.OFFLINE
         )
         for session in sessions.select_related("agent"):
-            session_services._move(
-                session, State.DEGRADED, error_message=f"agent {session.agent.agent_id} stopped sending heartbeats"
+            session_services.session_degrade(
+                session=session, reason=f"agent {session.agent.agent_id} stopped sending heartbeats"
             )
             degraded += 1
     if went_offline or degraded:

@@ -248,7 +248,8 @@ def session_record_activity(*, session_id) -> None:
 # --- effects of agent answers -----------------------------------------------------------
 
 
-def _endpoint(result: dict) -> dict:
+def endpoint_fields(result: dict) -> dict:
+    """The VNC endpoint an agent reported (vnc_host / vnc_port), as Session fields."""
     fields = {}
     if isinstance(result.get("vnc_host"), str):
         fields["vnc_host"] = result["vnc_host"]
@@ -264,15 +265,27 @@ def session_on_command_completed(*, command: AgentCommand, result: dict) -> None
     kind = command.type
     T = AgentCommand.Type
     if kind == T.CREATE_SESSION and session.state in (State.PENDING, State.STARTING, State.DEGRADED):
-        _move(session, State.RUNNING, started_at=timezone.now(), error_message=None, **_endpoint(result))
+        _move(session, State.RUNNING, started_at=timezone.now(), error_message=None, **endpoint_fields(result))
     elif kind == T.WAKE_SESSION and session.state in (State.WAKING, State.DEGRADED):
-        _move(session, State.RUNNING, error_message=None, **_endpoint(result))
+        _move(session, State.RUNNING, error_message=None, **endpoint_fields(result))
     elif kind == T.HIBERNATE_SESSION and session.state in (State.HIBERNATING, State.DEGRADED):
         _move(session, State.HIBERNATED)
     elif kind == T.TERMINATE_SESSION and session.state in (State.TERMINATING, State.FAILED):
         _move(session, State.TERMINATED, terminated_at=timezone.now())
     elif kind == T.GET_SESSION:
-        session_settle(session=session, reported=str(result.get("state", "")), endpoint=_endpoint(result))
+        session_settle(session=session, reported=str(result.get("state", "")), endpoint=endpoint_fields(result))
+
+
+def session_on_create_acked(*, command: AgentCommand) -> None:
+    """The agent took the create: the session's status moves from pending to starting."""
+    session = Session.objects.select_for_update().filter(pk=command.session_id, state=State.PENDING).first()
+    if session is not None:
+        _move(session, State.STARTING)
+
+
+def session_degrade(*, session: Session, reason: str) -> None:
+    """The session's agent went silent: running, but unreachable until it reports again."""
+    _move(session, State.DEGRADED, error_message=reason)
 
 
 _FAILABLE = (State.PENDING, State.STARTING, State.WAKING, State.TERMINATING, State.HIBERNATING, State.DEGRADED)

@@ -18,6 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agent_clients import protocol
 from sessions_app import selectors
+from sessions_app import services as session_services
 from sessions_app.states import State
 from streamspace.errors import NotFound
 from vnc_app import relay, services
@@ -168,7 +169,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         now = time.monotonic()
         if now - self.last_activity_write >= ACTIVITY_EVERY:
             self.last_activity_write = now
-            await database_sync_to_async(services.session_mark_input)(session_id=self.session_id)
+            await database_sync_to_async(session_services.session_record_activity)(session_id=self.session_id)
 
     # --- agent -> browser (events from the agent consumer) ----------------------------------
 

@@ -1,10 +1,9 @@
-"""Writes for the VNC relay: the audit trail and the user's last input."""
+"""Writes for the VNC relay: the audit trail (the session's last input goes through sessions_app.services)."""
 
 from __future__ import annotations
 
 from django.utils import timezone
 
-from sessions_app.models import Session
 from vnc_app.models import VNCConnection
 
 
@@ -19,7 +18,3 @@ def vnc_connection_close(*, connection_pk: int, bytes_to_client: int, bytes_from
         bytes_from_client=bytes_from_client,
         close_reason=reason[:255],
     )
-
-
-def session_mark_input(*, session_id) -> None:
-    Session.objects.filter(pk=session_id).update(last_activity=timezone.now())
