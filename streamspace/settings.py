@@ -166,7 +166,8 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = Path(env_str("STATIC_ROOT", str(BASE_DIR / "staticfiles")))
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+if DEBUG:  # WhiteNoise warns about a missing STATIC_ROOT; in production collectstatic makes it
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 NOVNC_DIR = BASE_DIR / "node_modules" / "@novnc" / "novnc"
 if NOVNC_DIR.is_dir():
