@@ -34,11 +34,6 @@ class AgentRegisterSerializer(serializers.Serializer):
     agent_token = serializers.CharField(required=False, allow_blank=True, write_only=True)
 
 
-def _bearer(request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else None
-
-
 class AgentRegisterView(APIView):
     """Agents register with the bootstrap secret (``AGENT_BOOTSTRAP_TOKEN``) as a Bearer token."""
 
@@ -51,7 +46,9 @@ class AgentRegisterView(APIView):
             return Response(
                 {"error": "registration_disabled", "detail": "AGENT_BOOTSTRAP_TOKEN is not configured"}, status=403
             )
-        if not services.bootstrap_token_matches(_bearer(request), settings.AGENT_BOOTSTRAP_TOKEN):
+        if not services.bootstrap_token_matches(
+            services.bearer_token(request.headers.get("Authorization")), settings.AGENT_BOOTSTRAP_TOKEN
+        ):
             return Response({"error": "unauthorized", "detail": "wrong or missing bootstrap secret"}, status=401)
         if not isinstance(request.data, dict):
             return Response({"error": "invalid", "detail": "expected a JSON object"}, status=400)

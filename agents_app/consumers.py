@@ -21,12 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def _bearer(scope) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            text = value.decode("latin-1")
-            if text.lower().startswith("bearer "):
-                return text[7:].strip()
-    return None
+    headers = dict(scope.get("headers") or [])
+    return services.bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
 
 
 def in_db_thread(func):

@@ -26,6 +26,13 @@ TOKEN_PREFIX = "ssa_"  # noqa: S105 (a prefix, not a secret)
 AGENT_ID_MAX = 255
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    return None
+
+
 def hash_token(raw: str) -> str:
     """Agent tokens are 256-bit random strings, so one SHA-256 is enough to store them safely."""
     return hashlib.sha256(raw.encode()).hexdigest()
