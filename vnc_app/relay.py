@@ -53,10 +53,6 @@ def unregister(consumer) -> None:
         del _local[consumer.channel_name]
 
 
-def is_local(channel: str) -> bool:
-    return channel in _local
-
-
 async def deliver(channel_layer, channel: str, event: dict) -> None:
     """Send ``event`` to the consumer on ``channel``: directly when it lives here, else via the layer."""
     local = _local.get(channel)
