@@ -26,6 +26,12 @@ class Agent(models.Model):
     channel_name = models.CharField(max_length=255, blank=True, default="")
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     token_hash = models.CharField(max_length=64, blank=True, default="")
+    # The operator's decision to drain: new sessions do not land here, whatever the
+    # agent's own heartbeats say, until an operator undrains it.
+    drain_requested = models.BooleanField(default=False)
+    # Capacity offered = what the agent reports x these ratios (idle desktops use little CPU).
+    cpu_overcommit = models.FloatField(default=4.0)
+    memory_overcommit = models.FloatField(default=1.5)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -74,6 +80,11 @@ class AgentCommand(models.Model):
     payload = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
+    # Bumped when a retryable failure sends the command back for a fresh execution;
+    # the agent keys its answer cache by (command_id, execution).
+    execution = models.PositiveIntegerField(default=1)
+    # Not delivered before this time (the backoff after a retryable failure).
+    not_before = models.DateTimeField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
     error_message = models.TextField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
