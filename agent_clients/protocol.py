@@ -81,6 +81,11 @@ def _list(v: Any) -> bool:
     return isinstance(v, list)
 
 
+def _execution(v: Any) -> bool:
+    """A command's execution number (1 for the first; absent means 1)."""
+    return v is None or (_int(v) and v >= 1)
+
+
 def _tunnel(v: Any) -> bool:
     return _int(v) and v <= 0xFFFFFFFF
 
@@ -97,9 +102,14 @@ AGENT_MESSAGES: dict[str, dict[str, Any]] = {
         "sessions": _list,
     },
     "heartbeat": {"capacity": _dict, "sessions": _list, "status": lambda v: v in ("online", "draining")},
-    "ack": {"command_id": _str},
-    "complete": {"command_id": _str, "result": _dict},
-    "failed": {"command_id": _str, "error": lambda v: isinstance(v, str), "retryable": _bool},
+    "ack": {"command_id": _str, "execution": _execution},
+    "complete": {"command_id": _str, "execution": _execution, "result": _dict},
+    "failed": {
+        "command_id": _str,
+        "execution": _execution,
+        "error": lambda v: isinstance(v, str),
+        "retryable": _bool,
+    },
     "session_event": {"session_id": _str, "state": lambda v: v in REPORTED_STATES, "reason": _opt_str},
     "tunnel_ready": {"tunnel_id": _tunnel},
     "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str)},
@@ -113,7 +123,10 @@ CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
         "type": lambda v: v in COMMAND_TYPES,
         "session_id": _opt_str,
         "payload": _dict,
+        "execution": _execution,
     },
+    # The control plane gave up on this execution of a command: do not start it.
+    "void": {"command_id": _str, "execution": _execution, "reason": lambda v: isinstance(v, str)},
     "tunnel_open": {"tunnel_id": _tunnel, "session_id": _str},
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},

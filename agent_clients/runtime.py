@@ -9,9 +9,14 @@ Guarantees:
 * one writer: every frame goes through :meth:`Agent._send` under one lock;
 * ``ack`` at once, then execution; commands of one session run in arrival order,
   different sessions concurrently; blocking backend calls run in (daemon) threads;
-* a command id is executed at most once per process: a finished one has its answer
-  re-sent from a bounded cache, an in-flight one is only acked again; an answer that
-  could not be sent (socket down) is kept and sent after the next ``hello``;
+* a command execution (command id, execution number) runs at most once per process: a
+  finished one has its answer re-sent from a bounded cache, an in-flight one is only acked
+  again; a retried command comes with a new execution number and runs again; an answer
+  that could not be sent (socket down) is kept and sent after the next ``hello``;
+* a ``void`` from the control plane (it gave up on that execution) skips it if it has not
+  started yet;
+* superseded (close 4409: another process connected with this agent's id): the process
+  stops at once with one clear log line and exit code 3, without a drain;
 * heartbeats never wait for a slow backend: the session list comes from a cache that a
   background thread refreshes, with a timeout;
 * SIGTERM/SIGINT drains: heartbeat ``draining`` at once, new commands left unacked (the
@@ -57,6 +62,8 @@ STABLE_AFTER = 5.0  # a connection that lasted this long resets the backoff
 AUTH_CLOSE_CODES = (protocol.CLOSE_UNAUTHORIZED, protocol.CLOSE_FORBIDDEN)
 
 T = TypeVar("T")
+CommandKey = tuple[str, int]  # (command id, execution)
+EXIT_SUPERSEDED = 3
 
 
 def backoff_delay(attempt: int, *, base: float = BACKOFF_BASE, cap: float = 10.0, rng: random.Random | None = None):
@@ -109,12 +116,16 @@ class Agent:
         self._force_stop = False
         self._drain_waiter: asyncio.Future | None = None
 
-        # command bookkeeping
-        self._results: collections.OrderedDict[str, tuple[str, dict]] = collections.OrderedDict()
-        self._unsent: collections.OrderedDict[str, tuple[str, dict]] = collections.OrderedDict()
-        self._inflight: dict[str, asyncio.Task] = {}
+        # command bookkeeping, keyed by (command id, execution): a retried command is a new
+        # execution and runs again; a redelivery of one execution never does.
+        self._results: collections.OrderedDict[CommandKey, tuple[str, dict]] = collections.OrderedDict()
+        self._unsent: collections.OrderedDict[CommandKey, tuple[str, dict]] = collections.OrderedDict()
+        self._inflight: dict[CommandKey, asyncio.Task] = {}
+        self._started: set[CommandKey] = set()  # in flight and past the wait for its session's turn
+        self._void: set[CommandKey] = set()  # the control plane gave up on these: skipped if not started
         self._tails: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.superseded = False  # another process connected as this agent: this one stops
 
         # session cache for heartbeats
         self._sessions: list[SessionStatus] = []
@@ -172,8 +183,12 @@ class Agent:
             done, _ = await asyncio.wait({connection_loop, shutdown}, return_when=asyncio.FIRST_COMPLETED)
             if connection_loop in done:
                 connection_loop.result()  # raises what killed it
-            await self._drain(connection_loop)
+            if not self.superseded:
+                await self._drain(connection_loop)
         finally:
+            if self.superseded:
+                for task in list(self._inflight.values()):
+                    task.cancel()  # their answers would be refused; the current process redoes them
             for task in (events, connection_loop, shutdown):
                 task.cancel()
             await asyncio.gather(events, connection_loop, shutdown, return_exceptions=True)
@@ -190,6 +205,9 @@ class Agent:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(Exception):
                         loop.remove_signal_handler(sig)
+        if self.superseded:
+            log.error("agent stopped: superseded by another process with the same agent id")
+            return EXIT_SUPERSEDED
         log.info("agent stopped")
         return 0
 
@@ -242,6 +260,9 @@ class Agent:
                 else:
                     log.warning("control plane answered HTTP %s to the connect", status)
             except ConnectionClosed as exc:
+                if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_REPLACED:
+                    self._stop_superseded()
+                    return
                 self._log_close(exc)
             except (OSError, TimeoutError) as exc:
                 log.warning("cannot connect to %s: %s", self._safe_url(), exc.__class__.__name__ + f" {exc}".rstrip())
@@ -273,6 +294,14 @@ class Agent:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         return False
+
+    def _stop_superseded(self) -> None:
+        """Another process connected with this agent's id and token (a second copy started
+        without an HA lock): two copies would run every command twice and undo each other's
+        work, so this one stops for good and says why."""
+        self.superseded = True
+        self._stop_connection.set()
+        log.error("another process connected as agent %s: this one stops", self.cfg.agent_id)
 
     def _safe_url(self) -> str:
         return self.cfg.connect_url  # carries the agent id, never the token
@@ -349,6 +378,9 @@ class Agent:
                 if exc is not None and not isinstance(exc, NotConnected):
                     log.error("%s failed: %r", task.get_name(), exc)
                 if task.get_name() == "agent-reader" and exc is None:
+                    if ws.close_code == protocol.CLOSE_REPLACED:
+                        self._stop_superseded()
+                        return True
                     log.warning(
                         "control plane closed the connection (close %s: %s)", ws.close_code, ws.close_reason or "-"
                     )
@@ -417,6 +449,8 @@ class Agent:
         p = message.payload
         if message.type == "command":
             self._on_command(p)
+        elif message.type == "void":
+            self._on_void(p)
         elif message.type == "tunnel_open":
             if self.draining:
                 self._spawn(self._send("tunnel_error", {"tunnel_id": p["tunnel_id"], "error": "agent is draining"}))
@@ -443,84 +477,120 @@ class Agent:
 
     def _on_command(self, p: dict) -> None:
         command_id = p["command_id"]
+        key: CommandKey = (command_id, p.get("execution") or 1)
+        ack = {"command_id": command_id, "execution": key[1]}
         if self.draining:
             log.info("command %s %s left unacked: the agent is draining", command_id, p["type"])
             return
-        if command_id in self._results:
-            self._results.move_to_end(command_id)
-            log.info("command %s already finished: re-sending its answer", command_id)
-            self._spawn(self._send("ack", {"command_id": command_id}))
-            self._unsent[command_id] = self._results[command_id]
+        if key in self._results:
+            self._results.move_to_end(key)
+            log.info("command %s (execution %d) already finished: re-sending its answer", command_id, key[1])
+            self._spawn(self._send("ack", ack))
+            self._unsent[key] = self._results[key]
             self._trim_unsent()
-            self._spawn(self._deliver(command_id))
+            self._spawn(self._deliver(key))
             return
-        self._spawn(self._send("ack", {"command_id": command_id}))
-        if command_id in self._inflight:
-            log.info("command %s is already running: acked again", command_id)
+        self._spawn(self._send("ack", ack))
+        if key in self._inflight:
+            log.info("command %s (execution %d) is already running: acked again", command_id, key[1])
             return
         session_id = p.get("session_id") or None
         previous = self._tails.get(session_id) if session_id else None
-        task = asyncio.create_task(self._run_command(p, previous), name=f"command-{command_id}")
-        self._inflight[command_id] = task
+        task = asyncio.create_task(self._run_command(p, key, previous), name=f"command-{command_id}")
+        self._inflight[key] = task
         if session_id:
             self._tails[session_id] = task
 
-        def done(t: asyncio.Task, command_id=command_id, session_id=session_id) -> None:
-            self._inflight.pop(command_id, None)
+        def done(t: asyncio.Task, key=key, session_id=session_id) -> None:
+            self._inflight.pop(key, None)
+            self._started.discard(key)
+            self._void.discard(key)
             if session_id and self._tails.get(session_id) is t:
                 del self._tails[session_id]
 
         task.add_done_callback(done)
 
-    async def _run_command(self, p: dict, previous: asyncio.Task | None) -> None:
+    def _on_void(self, p: dict) -> None:
+        """The control plane gave up on this execution (its ack came too late): skip it if it
+        has not started; one that runs already is reconciled from its result by the control plane."""
+        key: CommandKey = (p["command_id"], p.get("execution") or 1)
+        if key not in self._inflight:
+            return
+        if key in self._started:
+            log.warning(
+                "command %s is void (%s) but already running: its result will be reconciled", key[0], p["reason"]
+            )
+            return
+        log.warning("command %s is void (%s): it will not run", key[0], p["reason"])
+        self._void.add(key)
+
+    async def _run_command(self, p: dict, key: CommandKey, previous: asyncio.Task | None) -> None:
         if previous is not None and not previous.done():
             await asyncio.wait({previous})
+        if key in self._void:
+            return
+        self._started.add(key)
         command_id, type_, session_id = p["command_id"], p["type"], p.get("session_id") or ""
+        execution = key[1]
         started = time.monotonic()
         try:
             result = await self._execute(type_, session_id, p.get("payload") or {})
-            answer = ("complete", {"command_id": command_id, "result": result})
+            answer = ("complete", {"command_id": command_id, "execution": execution, "result": result})
             outcome = "completed"
         except BackendError as exc:
-            answer = ("failed", {"command_id": command_id, "error": exc.message, "retryable": exc.retryable})
+            answer = (
+                "failed",
+                {"command_id": command_id, "execution": execution, "error": exc.message, "retryable": exc.retryable},
+            )
             outcome = f"failed ({'retryable' if exc.retryable else 'permanent'}): {exc.detail}"
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("command %s %s %s crashed", command_id, type_, session_id)
-            answer = ("failed", {"command_id": command_id, "error": "internal agent error", "retryable": True})
+            answer = (
+                "failed",
+                {"command_id": command_id, "execution": execution, "error": "internal agent error", "retryable": True},
+            )
             outcome = "failed (internal error)"
-        log.info("command %s %s %s → %s in %.1fs", command_id, type_, session_id, outcome, time.monotonic() - started)
-        self._results[command_id] = answer
+        log.info(
+            "command %s %s %s (execution %d) → %s in %.1fs",
+            command_id,
+            type_,
+            session_id,
+            execution,
+            outcome,
+            time.monotonic() - started,
+        )
+        self._results[key] = answer
         if len(self._results) > RESULT_CACHE_SIZE:
             self._results.popitem(last=False)
-        self._unsent[command_id] = answer
+        self._unsent[key] = answer
         self._trim_unsent()
-        await self._deliver(command_id)
+        await self._deliver(key)
 
     def _trim_unsent(self) -> None:
         while len(self._unsent) > UNSENT_LIMIT:
             dropped, _ = self._unsent.popitem(last=False)
-            log.warning("dropping the unsent answer of command %s (the control plane will redeliver it)", dropped)
+            log.warning("dropping the unsent answer of command %s (the control plane will redeliver it)", dropped[0])
 
-    async def _deliver(self, command_id: str) -> None:
+    async def _deliver(self, key: CommandKey) -> None:
         """Send one kept answer if connected; keep it for the next connection otherwise."""
         ws = self._ws
         if ws is None:
             return
         async with self._send_lock:
-            answer = self._unsent.get(command_id)
+            answer = self._unsent.get(key)
             if answer is None or self._ws is not ws:
                 return
             try:
                 await ws.send(protocol.encode(*answer))
             except ConnectionClosed:
                 return
-            self._unsent.pop(command_id, None)
+            self._unsent.pop(key, None)
 
     async def _flush_unsent(self) -> None:
-        for command_id in list(self._unsent):
-            await self._deliver(command_id)
+        for key in list(self._unsent):
+            await self._deliver(key)
             if self._ws is None:
                 return
 

@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from agents_app.models import Agent, AgentCommand
@@ -47,12 +47,52 @@ def agent_poke(*, agent_pk: int) -> None:
 
 
 def command_claim_for_delivery(*, command_pk: int) -> bool:
-    """pending -> sent, counted as an attempt. True only for the one caller that wins."""
+    """pending -> sent, counted as an attempt. True only for the one caller that wins; a
+    command whose retry backoff has not run out is not claimed."""
+    now = timezone.now()
     return (
-        AgentCommand.objects.filter(pk=command_pk, status=AgentCommand.Status.PENDING).update(
-            status=AgentCommand.Status.SENT, sent_at=timezone.now(), attempts=F("attempts") + 1
-        )
+        AgentCommand.objects.filter(pk=command_pk, status=AgentCommand.Status.PENDING)
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .update(status=AgentCommand.Status.SENT, sent_at=now, attempts=F("attempts") + 1)
         == 1
+    )
+
+
+def command_retry_backoff(*, failed_execution: int) -> float:
+    """Seconds before a command whose execution ``failed_execution`` failed retryably runs again."""
+    base, cap = settings.COMMAND_RETRY_BACKOFF_BASE, settings.COMMAND_RETRY_BACKOFF_CAP
+    return min(cap, base * 2 ** min(failed_execution - 1, 30))
+
+
+def command_retry_later(*, command: AgentCommand, error: str) -> None:
+    """A retryable failure: back to the queue as a fresh execution, not delivered before the backoff.
+
+    The new execution number makes the agent run it again (its answer cache is keyed by
+    command id and execution, so a redelivery of one execution is never run twice)."""
+    delay = command_retry_backoff(failed_execution=command.execution)
+    AgentCommand.objects.filter(pk=command.pk).update(
+        status=AgentCommand.Status.PENDING,
+        execution=F("execution") + 1,
+        not_before=timezone.now() + timedelta(seconds=delay),
+        error_message=error[:4000],
+    )
+    log.info(
+        "command %s %s failed (execution %d, retryable): retried in %.1fs: %s",
+        command.command_id,
+        command.type,
+        command.execution,
+        delay,
+        error[:200],
+    )
+
+
+def agents_with_due_retries() -> list[int]:
+    """Agents holding a retried command whose backoff has run out (the sweep pokes them)."""
+    return list(
+        AgentCommand.objects.filter(status=AgentCommand.Status.PENDING, not_before__lte=timezone.now())
+        .order_by()
+        .values_list("agent_id", flat=True)
+        .distinct()
     )
 
 

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import transaction
 
 from agent_clients import protocol
 from agents_app import commands, selectors, services
@@ -32,12 +33,18 @@ def in_db_thread(func):
     return database_sync_to_async(func, thread_sensitive=False)
 
 
-def _claim_deliverable(agent_pk: int) -> list[str]:
-    """Claim the agent's deliverable commands (pending -> sent) and return their frames."""
+def _claim_deliverable(agent_pk: int, channel_name: str) -> list[str]:
+    """Claim the agent's deliverable commands (pending -> sent) and return their frames;
+    nothing for a socket that is no longer the agent's current one."""
     frames = []
-    for command in selectors.commands_to_deliver(agent_pk=agent_pk):
-        if commands.command_claim_for_delivery(command_pk=command.pk):
-            frames.append(protocol.encode("command", command.as_message()))
+    with transaction.atomic():
+        try:
+            services.current_connection(agent_pk=agent_pk, channel_name=channel_name)
+        except services.Superseded:
+            return []
+        for command in selectors.commands_to_deliver(agent_pk=agent_pk):
+            if commands.command_claim_for_delivery(command_pk=command.pk):
+                frames.append(protocol.encode("command", command.as_message()))
     return frames
 
 
@@ -52,9 +59,9 @@ def _connect(agent_id: str, raw_token: str | None, channel_name: str):
 def _then_deliver(service):
     """A service call followed by delivery of what became deliverable, in one trip."""
 
-    def call(agent_pk: int, **kwargs) -> list[str]:
-        service(agent_pk=agent_pk, **kwargs)
-        return _claim_deliverable(agent_pk)
+    def call(agent_pk: int, channel_name: str, **kwargs) -> list[str]:
+        service(agent_pk=agent_pk, channel_name=channel_name, **kwargs)
+        return _claim_deliverable(agent_pk, channel_name)
 
     return in_db_thread(call)
 
@@ -130,6 +137,9 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         handler = getattr(self, f"on_{message.type}")
         try:
             await handler(message)
+        except services.Superseded as exc:
+            log.warning("agent %s: refused a %s from a replaced connection", self.agent_id, message.type)
+            await self._refuse(protocol.CLOSE_REPLACED, exc.message)
         except services.NotOwnedByAgent as exc:
             await self.send(text_data=protocol.encode("error", {"reason": exc.message, "ref": message.id}))
 
@@ -156,32 +166,53 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         if message.payload["agent_id"] != self.agent_id:
             await self._refuse(protocol.CLOSE_FORBIDDEN, "hello names another agent")
             return
-        await self._send_all(await hello_and_deliver(self.agent_pk, payload=message.payload))
+        await self._send_all(await hello_and_deliver(self.agent_pk, self.channel_name, payload=message.payload))
 
     async def on_heartbeat(self, message):
         # Delivering here too is the fallback path: a lost poke costs one heartbeat interval.
-        await self._send_all(await heartbeat_and_deliver(self.agent_pk, payload=message.payload))
+        await self._send_all(await heartbeat_and_deliver(self.agent_pk, self.channel_name, payload=message.payload))
 
     async def on_ack(self, message):
-        await in_db_thread(services.command_ack)(agent_pk=self.agent_pk, command_id=message.payload["command_id"])
+        p = message.payload
+        execution = p.get("execution") or 1
+        void = await in_db_thread(services.command_ack)(
+            agent_pk=self.agent_pk, channel_name=self.channel_name, command_id=p["command_id"], execution=execution
+        )
+        if void:
+            await self.send(
+                text_data=protocol.encode(
+                    "void", {"command_id": p["command_id"], "execution": execution, "reason": void}
+                )
+            )
 
     async def on_complete(self, message):
         p = message.payload
-        await self._send_all(await complete_and_deliver(self.agent_pk, command_id=p["command_id"], result=p["result"]))
+        frames = await complete_and_deliver(
+            self.agent_pk,
+            self.channel_name,
+            command_id=p["command_id"],
+            result=p["result"],
+            execution=p.get("execution") or 1,
+        )
+        await self._send_all(frames)
 
     async def on_failed(self, message):
         p = message.payload
         frames = await fail_and_deliver(
             self.agent_pk,
+            self.channel_name,
             command_id=p["command_id"],
             error=p["error"],
             retryable=p["retryable"],
             max_attempts=settings.COMMAND_MAX_ATTEMPTS,
+            execution=p.get("execution") or 1,
         )
         await self._send_all(frames)
 
     async def on_session_event(self, message):
-        await in_db_thread(services.session_event)(agent_pk=self.agent_pk, payload=message.payload)
+        await in_db_thread(services.session_event)(
+            agent_pk=self.agent_pk, channel_name=self.channel_name, payload=message.payload
+        )
 
     async def on_tunnel_ready(self, message):
         await self._to_viewer(message.payload["tunnel_id"], {"type": "tunnel.ready"})
@@ -216,7 +247,7 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         await self._refuse(protocol.CLOSE_REPLACED, "replaced by a newer connection of the same agent")
 
     async def deliver_pending(self):
-        await self._send_all(await in_db_thread(_claim_deliverable)(self.agent_pk))
+        await self._send_all(await in_db_thread(_claim_deliverable)(self.agent_pk, self.channel_name))
 
     async def _send_all(self, frames: list[str]) -> None:
         for frame in frames:

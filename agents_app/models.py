@@ -107,4 +107,5 @@ class AgentCommand(models.Model):
             "type": self.type,
             "session_id": str(self.session_id) if self.session_id else None,
             "payload": self.payload,
+            "execution": self.execution,
         }

@@ -92,7 +92,9 @@ def clean_capacity(raw) -> dict:
 def commands_to_deliver(*, agent_pk: int, limit: int = 100) -> list[AgentCommand]:
     """Pending commands of an agent in creation order, skipping any whose session has an
     earlier command still unfinished (so per-session order holds: a hibernate never
-    overtakes the create)."""
+    overtakes the create). A command waiting out its retry backoff (``not_before`` in the
+    future) is not delivered yet, and still holds back the later commands of its session."""
+    now = timezone.now()
     unfinished = list(
         AgentCommand.objects.filter(agent_id=agent_pk, status__in=AgentCommand.UNFINISHED).order_by("created_at", "id")[
             : limit * 4
@@ -104,7 +106,8 @@ def commands_to_deliver(*, agent_pk: int, limit: int = 100) -> list[AgentCommand
         key = command.session_id
         if key is not None and key in blocked_sessions:
             continue
-        if command.status == AgentCommand.Status.PENDING:
+        due = command.not_before is None or command.not_before <= now
+        if command.status == AgentCommand.Status.PENDING and due:
             ready.append(command)
         if key is not None:
             blocked_sessions.add(key)

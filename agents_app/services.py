@@ -9,11 +9,12 @@ import secrets
 import uuid
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from agent_clients import protocol
 from agents_app import selectors
-from agents_app.commands import command_requeue_unfinished
+from agents_app.commands import command_enqueue, command_requeue_unfinished, command_retry_later
 from agents_app.models import Agent, AgentCommand
 from sessions_app import services as session_services
 from sessions_app.models import Session
@@ -116,8 +117,16 @@ def agent_set_draining(*, agent: Agent) -> None:
 # --- the socket lifecycle ---------------------------------------------------------------
 
 
+class Superseded(PermissionDenied):
+    """The answering socket is no longer the agent's current connection: another process
+    (or a newer connection of this one) took its place. Nothing it says is accepted."""
+
+
 def agent_attach(*, agent_pk: int, channel_name: str) -> str:
-    """Record the socket that now serves this agent; return the channel of the one it replaces."""
+    """Record the socket that now serves this agent; return the channel of the one it replaces.
+
+    One live connection per agent: from now on every answer from the replaced socket is
+    refused (``current_connection``), and that socket is told to stop."""
     with transaction.atomic():
         agent = Agent.objects.select_for_update().get(pk=agent_pk)
         previous = agent.channel_name
@@ -132,9 +141,20 @@ def agent_detach(*, agent_pk: int, channel_name: str) -> None:
     Agent.objects.filter(pk=agent_pk, channel_name=channel_name).update(channel_name="", updated_at=timezone.now())
 
 
+def current_connection(*, agent_pk: int, channel_name: str) -> Agent:
+    """Lock the agent's row if ``channel_name`` is still its current socket; raise Superseded
+    otherwise. Called first in every transaction that takes an agent's answer, so an answer
+    and a newer connection's attach are serialised on the row."""
+    agent = Agent.objects.select_for_update().filter(pk=agent_pk, channel_name=channel_name).first()
+    if agent is None or not channel_name:
+        raise Superseded("another connection of this agent replaced this one")
+    return agent
+
+
 @transaction.atomic
-def agent_hello(*, agent_pk: int, payload: dict) -> None:
+def agent_hello(*, agent_pk: int, channel_name: str, payload: dict) -> None:
     """The agent (re)connected: update what it is, reconcile what it holds, requeue unfinished commands."""
+    current_connection(agent_pk=agent_pk, channel_name=channel_name)
     now = timezone.now()
     fields = {
         "platform": payload["platform"],
@@ -148,8 +168,10 @@ def agent_hello(*, agent_pk: int, payload: dict) -> None:
         fields["region"] = str(payload["region"])[:100]
     Agent.objects.filter(pk=agent_pk).update(**fields)
     reported = _reported_sessions(payload["sessions"])
+    reported_pks = [pk for pk in map(_uuid_or_none, reported) if pk is not None]
+    # What it should hold, and whatever it reports (a failed session's container is removed).
     held = Session.objects.select_for_update().filter(
-        agent_id=agent_pk, state__in=(State.RUNNING, State.DEGRADED, State.HIBERNATED)
+        Q(state__in=(State.RUNNING, State.DEGRADED, State.HIBERNATED)) | Q(pk__in=reported_pks), agent_id=agent_pk
     )
     for session in held:
         entry = reported.get(str(session.pk))
@@ -179,7 +201,9 @@ def _reported_sessions(items: list) -> dict[str, dict]:
     return out
 
 
-def agent_heartbeat(*, agent_pk: int, payload: dict) -> None:
+@transaction.atomic
+def agent_heartbeat(*, agent_pk: int, channel_name: str, payload: dict) -> None:
+    current_connection(agent_pk=agent_pk, channel_name=channel_name)
     status = Agent.Status.DRAINING if payload["status"] == "draining" else Agent.Status.ONLINE
     Agent.objects.filter(pk=agent_pk).update(
         last_heartbeat=timezone.now(),
@@ -211,19 +235,45 @@ def _own_command(agent_pk: int, command_id: str) -> AgentCommand:
     return command
 
 
+GIVEN_UP = (AgentCommand.Status.FAILED, AgentCommand.Status.TIMED_OUT)
+
+
 @transaction.atomic
-def command_ack(*, agent_pk: int, command_id: str) -> None:
+def command_ack(*, agent_pk: int, channel_name: str, command_id: str, execution: int = 1) -> str | None:
+    """Record the agent's ack. Returns the reason the command is void when the control plane
+    has given up on this execution (the agent then skips it if it has not started it yet)."""
+    current_connection(agent_pk=agent_pk, channel_name=channel_name)
     command = _own_command(agent_pk, command_id)
+    if command.status in GIVEN_UP:
+        return f"the control plane gave up on this command: {command.error_message or command.status}"[:500]
+    if execution != command.execution:
+        return f"execution {execution} is over; the command is at execution {command.execution}"
     if command.status not in (AgentCommand.Status.SENT, AgentCommand.Status.PENDING):
-        return  # a late or repeated ack changes nothing
+        return None  # a late or repeated ack changes nothing
     AgentCommand.objects.filter(pk=command.pk).update(status=AgentCommand.Status.ACKED, acked_at=timezone.now())
     if command.type == AgentCommand.Type.CREATE_SESSION and command.session_id:
         session_services.session_on_create_acked(command=command)
+    return None
 
 
 @transaction.atomic
-def command_complete(*, agent_pk: int, command_id: str, result: dict) -> None:
+def command_complete(*, agent_pk: int, channel_name: str, command_id: str, result: dict, execution: int = 1) -> None:
+    current_connection(agent_pk=agent_pk, channel_name=channel_name)
     command = _own_command(agent_pk, command_id)
+    if execution != command.execution:
+        log.info("command %s: ignoring the answer of execution %d (now %d)", command_id, execution, command.execution)
+        return
+    if command.status in GIVEN_UP:
+        # The agent did it after all (it was frozen, say): the record says what happened,
+        # and the session follows what the agent holds now.
+        note = f"{command.error_message or command.status}; completed late, after the control plane gave up"
+        AgentCommand.objects.filter(pk=command.pk).update(
+            status=AgentCommand.Status.COMPLETED, result=result, error_message=note[:4000], completed_at=timezone.now()
+        )
+        log.warning("command %s %s completed after it was given up: reconciling", command_id, command.type)
+        if command.session_id:
+            session_services.session_on_late_result(command=command, result=result)
+        return
     if command.status not in AgentCommand.UNFINISHED:
         return  # already finished: a redelivered answer is ignored
     AgentCommand.objects.filter(pk=command.pk).update(
@@ -233,13 +283,31 @@ def command_complete(*, agent_pk: int, command_id: str, result: dict) -> None:
 
 
 @transaction.atomic
-def command_fail(*, agent_pk: int, command_id: str, error: str, retryable: bool, max_attempts: int) -> None:
+def command_fail(
+    *,
+    agent_pk: int,
+    channel_name: str,
+    command_id: str,
+    error: str,
+    retryable: bool,
+    max_attempts: int,
+    execution: int = 1,
+) -> None:
+    current_connection(agent_pk=agent_pk, channel_name=channel_name)
     command = _own_command(agent_pk, command_id)
+    if execution != command.execution:
+        log.info("command %s: ignoring the failure of execution %d (now %d)", command_id, execution, command.execution)
+        return
+    if command.status in GIVEN_UP:
+        # A late failure: what it left behind is unknown, so ask the agent what it holds.
+        log.warning("command %s %s failed after it was given up: querying the session", command_id, command.type)
+        if command.session_id and command.type != AgentCommand.Type.GET_SESSION:
+            command_enqueue(agent=command.agent, session=command.session, type=AgentCommand.Type.GET_SESSION)
+        return
     if command.status not in AgentCommand.UNFINISHED:
         return
     if retryable and command.attempts < max_attempts and timezone.now() < command.deadline:
-        # Back to the queue; delivered again on the agent's next heartbeat.
-        AgentCommand.objects.filter(pk=command.pk).update(status=AgentCommand.Status.PENDING, error_message=error)
+        command_retry_later(command=command, error=error)
         return
     AgentCommand.objects.filter(pk=command.pk).update(
         status=AgentCommand.Status.FAILED, error_message=error[:4000], completed_at=timezone.now()
@@ -248,7 +316,8 @@ def command_fail(*, agent_pk: int, command_id: str, error: str, retryable: bool,
 
 
 @transaction.atomic
-def session_event(*, agent_pk: int, payload: dict) -> None:
+def session_event(*, agent_pk: int, channel_name: str, payload: dict) -> None:
+    current_connection(agent_pk=agent_pk, channel_name=channel_name)
     session = (
         Session.objects.select_for_update().filter(pk=_uuid_or_none(payload["session_id"]), agent_id=agent_pk).first()
     )

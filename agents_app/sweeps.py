@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from agents_app.commands import agent_poke, command_enqueue
+from agents_app.commands import agent_poke, agents_with_due_retries, command_enqueue
 from agents_app.models import Agent, AgentCommand
 from agents_app.selectors import agent_liveness_cutoff
 from sessions_app import services as session_services
@@ -45,7 +45,8 @@ def sweep_silent_agents() -> dict:
 
 def sweep_commands() -> dict:
     """Unacknowledged commands are redelivered (up to COMMAND_MAX_ATTEMPTS, then failed);
-    commands past their deadline time out. Either way the session learns why."""
+    commands past their deadline time out. Either way the session learns why. Agents with a
+    retry whose backoff ran out are poked so it goes out now."""
     now = timezone.now()
     redelivered = failed = timed_out = 0
     to_poke: set[int] = set()
@@ -75,6 +76,8 @@ def sweep_commands() -> dict:
             seconds = int((command.deadline - command.created_at).total_seconds())
             _finish(command, AgentCommand.Status.TIMED_OUT, f"no answer from the agent within {seconds} s", now)
             timed_out += 1
+    # Retries whose backoff ran out: poke their agents (the heartbeat delivers them too).
+    to_poke.update(agents_with_due_retries())
     for agent_pk in to_poke:
         agent_poke(agent_pk=agent_pk)
     if redelivered or failed or timed_out:

@@ -303,19 +303,148 @@ def session_on_command_failed(*, command: AgentCommand, error: str) -> None:
         _move(session, State.FAILED, error_message=message)
 
 
+# What the agent reports holding decides, for every (database state, reported state) pair:
+# a target state, CLEANUP (a finished session still has something on the engine: a terminate
+# removes it, the session is never resurrected), HIBERNATE_AGAIN (a hibernated session's
+# desktop runs: the hibernation stands), or None (nothing: a command in flight will settle it,
+# or the two agree). Reported states: protocol.REPORTED_STATES plus "missing" (not listed).
+CLEANUP = "cleanup"
+HIBERNATE_AGAIN = "hibernate again"
+S = State
+_RECONCILE: dict[str, dict[str, str | None]] = {
+    # waiting for the create's answer
+    S.PENDING: {
+        "running": None,
+        "starting": None,
+        "hibernated": None,
+        "stopped": None,
+        "failed": None,
+        "missing": None,
+    },
+    S.STARTING: {
+        "running": None,
+        "starting": None,
+        "hibernated": None,
+        "stopped": None,
+        "failed": None,
+        "missing": None,
+    },
+    S.RUNNING: {
+        "running": None,
+        "starting": None,
+        "hibernated": S.HIBERNATED,  # a hibernate that went through late, or a clean stop: home kept
+        "stopped": S.FAILED,
+        "failed": S.FAILED,
+        "missing": S.FAILED,
+    },
+    # a hibernate / wake / terminate is in flight: its answer settles the state
+    S.HIBERNATING: {
+        "running": None,
+        "starting": None,
+        "hibernated": None,
+        "stopped": None,
+        "failed": None,
+        "missing": None,
+    },
+    S.WAKING: {"running": None, "starting": None, "hibernated": None, "stopped": None, "failed": None, "missing": None},
+    S.TERMINATING: {
+        "running": None,
+        "starting": None,
+        "hibernated": None,
+        "stopped": None,
+        "failed": None,
+        "missing": None,
+    },
+    S.HIBERNATED: {
+        "running": HIBERNATE_AGAIN,
+        "starting": HIBERNATE_AGAIN,
+        "hibernated": None,
+        "stopped": None,
+        "failed": S.FAILED,
+        "missing": S.FAILED,
+    },
+    S.DEGRADED: {
+        "running": S.RUNNING,
+        "starting": None,
+        "hibernated": S.HIBERNATED,
+        "stopped": S.HIBERNATED,
+        "failed": S.FAILED,
+        "missing": S.FAILED,
+    },
+    # finished sessions: anything the agent still holds for them is removed
+    S.FAILED: {
+        "running": CLEANUP,
+        "starting": CLEANUP,
+        "hibernated": CLEANUP,
+        "stopped": CLEANUP,
+        "failed": CLEANUP,
+        "missing": None,
+    },
+    S.TERMINATED: {
+        "running": CLEANUP,
+        "starting": CLEANUP,
+        "hibernated": CLEANUP,
+        "stopped": CLEANUP,
+        "failed": CLEANUP,
+        "missing": None,
+    },
+}
+
+
+def reconcile_action(state: str, reported: str) -> str | None:
+    """The entry of the reconcile table (KeyError for a state or report it does not know)."""
+    return _RECONCILE[state][reported]
+
+
+def _lost_reason(reported: str, detail: str) -> str:
+    if reported == "stopped":
+        return detail or "the session's container stopped"
+    if reported == "missing":
+        return f"session lost: {detail or 'the agent no longer holds this session'}"
+    return f"session lost: {detail or 'it failed'}"
+
+
 def session_reconcile(*, session: Session, reported: str, detail: str = "", endpoint: dict | None = None) -> None:
-    """Bring a session in line with what its agent reports holding."""
-    endpoint = endpoint or {}
-    if reported == "running" and session.state == State.DEGRADED:
-        _move(session, State.RUNNING, **endpoint)
-    elif reported in ("hibernated", "stopped"):
-        if session.state == State.DEGRADED:
-            _move(session, State.HIBERNATED)
-        elif session.state == State.RUNNING and reported == "stopped":
-            _move(session, State.FAILED, error_message=detail or "the session's container stopped")
-    elif reported in ("failed", "missing") and session.state in (State.RUNNING, State.DEGRADED, State.HIBERNATED):
-        reason = detail or ("the agent no longer holds this session" if reported == "missing" else "it failed")
-        _move(session, State.FAILED, error_message=f"session lost: {reason}")
+    """Bring a (locked) session in line with what its agent reports holding: see _RECONCILE."""
+    if reported not in _RECONCILE[State.RUNNING]:
+        log.warning("session %s: ignoring unknown reported state %r", session.pk, reported)
+        return
+    action = reconcile_action(session.state, reported)
+    if action is None:
+        return
+    if action == State.RUNNING:
+        _move(session, State.RUNNING, error_message=None, **(endpoint or {}))
+    elif action == State.HIBERNATED:
+        _move(session, State.HIBERNATED)
+    elif action == State.FAILED:
+        _move(session, State.FAILED, error_message=_lost_reason(reported, detail)[:2000])
+    elif action == CLEANUP:
+        _enqueue_unless_in_flight(session, AgentCommand.Type.TERMINATE_SESSION, {"keep_home": session.keep_home})
+    elif action == HIBERNATE_AGAIN:
+        _enqueue_unless_in_flight(session, AgentCommand.Type.HIBERNATE_SESSION, {})
+    log.info("session %s (%s): agent reports %s -> %s", session.pk, session.state, reported, action)
+
+
+def _enqueue_unless_in_flight(session: Session, type: str, payload: dict) -> None:
+    """Queue a corrective command for the session, unless one is unfinished already."""
+    if session.agent_id is None:
+        return
+    if AgentCommand.objects.filter(session=session, status__in=AgentCommand.UNFINISHED).exists():
+        return
+    command_enqueue(agent=session.agent, session=session, type=type, payload=payload)
+
+
+def session_on_late_result(*, command: AgentCommand, result: dict) -> None:
+    """A command the control plane had given up on completed after all: the session follows
+    what the agent reports now (a running container of a failed session is removed)."""
+    session = Session.objects.select_for_update().filter(pk=command.session_id).first()
+    if session is None:
+        return
+    reported = str(result.get("state", ""))
+    if reported == "terminated":
+        reported = "missing"
+    session_reconcile(session=session, reported=reported, detail=str(result.get("detail") or ""),
+                      endpoint=endpoint_fields(result))  # fmt: skip
 
 
 # What a get_session answer settles for a session stuck waiting: (state, reported) -> new state.

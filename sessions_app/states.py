@@ -24,7 +24,8 @@ S = State
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.PENDING: frozenset({S.STARTING, S.RUNNING, S.FAILED, S.TERMINATING}),
     S.STARTING: frozenset({S.RUNNING, S.FAILED, S.TERMINATING, S.DEGRADED}),
-    S.RUNNING: frozenset({S.HIBERNATING, S.TERMINATING, S.DEGRADED, S.FAILED}),
+    # running -> hibernated: the agent reports the desktop stopped with its home kept (a late hibernate).
+    S.RUNNING: frozenset({S.HIBERNATING, S.HIBERNATED, S.TERMINATING, S.DEGRADED, S.FAILED}),
     S.HIBERNATING: frozenset({S.HIBERNATED, S.RUNNING, S.FAILED, S.TERMINATING, S.DEGRADED}),
     S.HIBERNATED: frozenset({S.WAKING, S.TERMINATING, S.FAILED}),
     S.WAKING: frozenset({S.RUNNING, S.HIBERNATED, S.FAILED, S.TERMINATING, S.DEGRADED}),

@@ -141,6 +141,9 @@ AGENT_MISSED_HEARTBEATS = env_int("AGENT_MISSED_HEARTBEATS", 3, minimum=1)
 COMMAND_ACK_TIMEOUT = env_seconds("COMMAND_ACK_TIMEOUT", 15)
 COMMAND_TIMEOUT = env_seconds("COMMAND_TIMEOUT", 300)
 COMMAND_MAX_ATTEMPTS = env_int("COMMAND_MAX_ATTEMPTS", 3, minimum=1)
+# A retryable failure is executed again after base x 2^(n-1) seconds (n: the failed execution), at most cap.
+COMMAND_RETRY_BACKOFF_BASE = env_seconds("COMMAND_RETRY_BACKOFF_BASE", 2)
+COMMAND_RETRY_BACKOFF_CAP = env_seconds("COMMAND_RETRY_BACKOFF_CAP", 60)
 SESSION_STUCK_AFTER = env_seconds("SESSION_STUCK_AFTER", 120)
 SWEEP_INTERVAL = env_seconds("SWEEP_INTERVAL", 5)
 

@@ -57,6 +57,7 @@ def control_plane_env(**extra: str) -> dict[str, str]:
         CHANNEL_PREFIX=f"sstest-{RUN_ID}",
         AGENT_HEARTBEAT_INTERVAL="1",
         COMMAND_ACK_TIMEOUT="3",
+        COMMAND_RETRY_BACKOFF_BASE="1",
         SWEEP_INTERVAL="0.5",
         DEBUG="true",
         PYTHONUNBUFFERED="1",

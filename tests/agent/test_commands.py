@@ -39,7 +39,7 @@ async def test_ack_then_complete_for_each_command_type():
         await conn.expect("hello")
         await conn.command("c1", "create_session", "s-1", create_payload())
         ack = await conn.next()
-        assert (ack.type, ack.payload) == ("ack", {"command_id": "c1"})
+        assert (ack.type, ack.payload) == ("ack", {"command_id": "c1", "execution": 1})
         done = await conn.expect("complete", command_id="c1")
         assert done.payload["result"] == {
             "session_id": "s-1",
@@ -161,7 +161,7 @@ async def test_backend_errors_become_failed_with_retryable_flag():
         await conn.command("x", "create_session", "bad", {"template": {}})  # no image: invalid payload
         await conn.command("n", "hibernate_session", None)  # needs a session id
         p = await conn.expect("failed", command_id="p")
-        assert p.payload == {"command_id": "p", "error": "image not found", "retryable": False}
+        assert p.payload == {"command_id": "p", "execution": 1, "error": "image not found", "retryable": False}
         t = await conn.expect("failed", command_id="t")
         assert t.payload["retryable"] is True
         b = await conn.expect("failed", command_id="b")

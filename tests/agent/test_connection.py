@@ -46,7 +46,7 @@ async def test_reconnects_after_drops_with_capped_backoff_and_resends_held_answe
         await conn.ws.close(1011, "server restarting")
         await asyncio.wait_for(conn.closed.wait(), 5)
         gate.open()
-        await wait_until(lambda: "c1" in agent._unsent)  # answered while disconnected
+        await wait_until(lambda: ("c1", 1) in agent._unsent)  # answered while disconnected
         for _ in range(3):
             await cp.accept()
         cp.refuse_with = None

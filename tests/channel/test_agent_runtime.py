@@ -87,7 +87,8 @@ def test_sigkill_between_ack_and_complete_is_redelivered_and_not_executed_twice(
     session_id = create_session(control_plane, alice)
     # the backend has made the session, the agent has acked, but has not reported completion
     wait_for(lambda: FileBackend.executions(state_dir, "create", session_id) == 1, 5, what="created in the backend")
-    assert AgentCommand.objects.get(session_id=session_id).status == "acked"
+    # the ack travels on its own: the backend may have finished before the control plane wrote it
+    wait_for(lambda: AgentCommand.objects.get(session_id=session_id).status == "acked", 5, what="the ack recorded")
     agent.kill()
     assert state_of(session_id) == State.STARTING
     restarted = start_agent(token=agent.token, FILE_BACKEND_RETURN_DELAY="0")

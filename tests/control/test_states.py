@@ -9,7 +9,8 @@ from sessions_app.states import TRANSITIONS, IllegalTransition, State, can_trans
 ALLOWED = {
     ("pending", "starting"), ("pending", "running"), ("pending", "failed"), ("pending", "terminating"),
     ("starting", "running"), ("starting", "failed"), ("starting", "terminating"), ("starting", "degraded"),
-    ("running", "hibernating"), ("running", "terminating"), ("running", "degraded"), ("running", "failed"),
+    ("running", "hibernating"), ("running", "hibernated"), ("running", "terminating"), ("running", "degraded"),
+    ("running", "failed"),
     ("hibernating", "hibernated"), ("hibernating", "running"), ("hibernating", "failed"),
     ("hibernating", "terminating"), ("hibernating", "degraded"),
     ("hibernated", "waking"), ("hibernated", "terminating"), ("hibernated", "failed"),

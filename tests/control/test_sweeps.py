@@ -25,6 +25,12 @@ def command_for(session, type_="create_session", status="pending", **fields):
     return AgentCommand.objects.create(agent=session.agent, session=session, type=type_, status=status, **fields)
 
 
+def connected(agent) -> str:
+    """Give the agent a current socket (answers are accepted only from it) and return its name."""
+    Agent.objects.filter(pk=agent.pk).update(channel_name="test-socket")
+    return "test-socket"
+
+
 def test_silent_agents_go_offline_and_only_their_running_sessions_degrade(alice, template):
     silent, live = make_agent("silent"), make_agent("live")
     Agent.objects.filter(pk=silent.pk).update(last_heartbeat=timezone.now() - timedelta(minutes=2))
@@ -52,9 +58,14 @@ def test_a_command_past_its_deadline_times_out_and_fails_its_session(alice, temp
     session.refresh_from_db()
     assert command.status == "timed_out" and "no answer from the agent" in command.error_message
     assert session.state == State.FAILED and "no answer from the agent" in session.error_message
-    # a late answer from the agent changes nothing
-    command_complete(agent_pk=agent.pk, command_id=command.command_id, result={"state": "running"})
+    # a late answer: the command did complete, the session stays failed and its container is removed
+    command_complete(
+        agent_pk=agent.pk, channel_name=connected(agent), command_id=command.command_id, result={"state": "running"}
+    )
     assert Session.objects.get(pk=session.pk).state == State.FAILED
+    command.refresh_from_db()
+    assert command.status == "completed" and "completed late" in command.error_message
+    assert AgentCommand.objects.get(session=session, type="terminate_session").status == "pending"
 
 
 @override_settings(COMMAND_ACK_TIMEOUT=5, COMMAND_MAX_ATTEMPTS=2)
@@ -83,7 +94,7 @@ def test_a_stuck_session_is_requeried_and_the_answer_settles_it(alice, template,
     assert not AgentCommand.objects.filter(session__in=[busy, fresh], type="get_session").exists()
     assert sweeps.sweep_stuck_sessions() == {"requeried": 0}  # the query is in flight now
     command_complete(
-        agent_pk=agent.pk, command_id=query.command_id,
+        agent_pk=agent.pk, channel_name=connected(agent), command_id=query.command_id,
         result={"session_id": str(stuck.pk), "state": "running", "vnc_host": "127.0.0.1", "vnc_port": 5999},
     )  # fmt: skip
     stuck.refresh_from_db()
@@ -102,5 +113,7 @@ def test_a_stuck_session_is_requeried_and_the_answer_settles_it(alice, template,
 def test_a_get_session_answer_settles_each_transitional_state(alice, template, agent, state, reported, expected):
     session = session_on(agent, alice, template, state)
     query = command_for(session, type_="get_session", status="acked")
-    command_complete(agent_pk=agent.pk, command_id=query.command_id, result={"state": reported})
+    command_complete(
+        agent_pk=agent.pk, channel_name=connected(agent), command_id=query.command_id, result={"state": reported}
+    )
     assert Session.objects.get(pk=session.pk).state == expected
