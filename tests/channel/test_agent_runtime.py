@@ -4,6 +4,7 @@ The agent runs ``tests.support.file_backend.FileBackend``, a stand-in backend fo
 the Docker and Kubernetes backends have their own suites (tests/docker, tests/e2e,
 tests/k8s). Everything else is real: processes, sockets, Redis, PostgreSQL, Celery."""
 
+import itertools
 import signal
 import time
 
@@ -139,3 +140,41 @@ def test_sigterm_drains_and_sessions_keep_running(control_plane, start_agent, st
     assert agent.stop() == 0
     assert FileBackend.read_state(state_dir)["sessions"][session_id]["state"] == "running"
     assert state_of(session_id) == State.RUNNING
+
+
+def test_a_retryable_failure_is_retried_after_a_backoff_with_a_fresh_execution(
+    control_plane, start_agent, state_dir, alice
+):
+    """The backend fails twice retryably, then creates: three executions, spaced by the backoff
+    (COMMAND_RETRY_BACKOFF_BASE is 1 s in tests: 1 s, then 2 s), and the session runs."""
+    Template.objects.create(slug="flaky", name="Flaky", image="img:fail-retryable-2")
+    worker = celery_worker().start()  # the sweep pokes the agent when a retry is due
+    try:
+        agent = start_agent()
+        status, body = control_plane.request("POST", "/api/v1/sessions", jwt(alice), {"template": "flaky"})
+        assert status == 201, body
+        session_id = body["id"]
+        wait_for(lambda: state_of(session_id) in (State.RUNNING, State.FAILED), 20, 0.1,
+                 what=f"the create settled\n{agent.output()}")  # fmt: skip
+        session = Session.objects.get(pk=session_id)
+        assert session.state == State.RUNNING, session.error_message
+        calls = FileBackend.read_state(state_dir)["create_calls"][session_id]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+        assert len(calls) == 3, calls
+        assert 1.0 <= gaps[0] < 1.0 + 1.5 and 2.0 <= gaps[1] < 2.0 + 1.5, gaps
+        command = AgentCommand.objects.get(session_id=session_id)
+        assert (command.status, command.execution, command.attempts) == ("completed", 3, 3)
+        assert FileBackend.executions(state_dir, "create", session_id) == 1
+    finally:
+        worker.stop()
+
+
+def test_a_permanent_failure_fails_the_session_at_once(control_plane, start_agent, state_dir, alice):
+    Template.objects.create(slug="broken", name="Broken", image="img:fail-permanent")
+    start_agent()
+    status, body = control_plane.request("POST", "/api/v1/sessions", jwt(alice), {"template": "broken"})
+    assert status == 201, body
+    wait_for(lambda: state_of(body["id"]) == State.FAILED, 5, what="failed")
+    command = AgentCommand.objects.get(session_id=body["id"])
+    assert (command.status, command.execution, command.attempts) == ("failed", 1, 1)
+    assert len(FileBackend.read_state(state_dir)["create_calls"][body["id"]]) == 1

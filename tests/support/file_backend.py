@@ -17,7 +17,9 @@ Environment:
 
 Every operation is idempotent: creating an existing session returns it without counting
 an execution. Images containing ``fail-permanent`` or ``fail-retryable`` make ``create``
-raise a :class:`BackendError` with that retryable flag.
+raise a :class:`BackendError` with that retryable flag; ``fail-retryable-N`` fails
+retryably N times, then creates. Every call of ``create`` that got past "exists already" is
+timed in ``create_calls[session_id]`` (wall-clock seconds), so a test can see retries.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -95,6 +98,7 @@ class FileBackend(Backend):
             state = {}
         state.setdefault("sessions", {})
         state.setdefault("executions", {})
+        state.setdefault("create_calls", {})
         return state
 
     @classmethod
@@ -128,9 +132,13 @@ class FileBackend(Backend):
             record = state["sessions"].get(spec.session_id)
         if record is not None and record["state"] == "running":
             return self._status(spec.session_id, record)
+        with self._state() as state:
+            calls = state.setdefault("create_calls", {}).setdefault(spec.session_id, [])
+            calls.append(time.time())
         if "fail-permanent" in spec.image:
             raise BackendError(f"image {spec.image} not found", retryable=False)
-        if "fail-retryable" in spec.image:
+        failures = re.search(r"fail-retryable(?:-(\d+))?", spec.image)
+        if failures and (failures.group(1) is None or len(calls) <= int(failures.group(1))):
             raise BackendError("the engine is busy", retryable=True)
         if self.create_delay:
             time.sleep(self.create_delay)
