@@ -214,3 +214,80 @@ async def test_session_events_from_backend_watch():
         backend.watch_emit(SessionStatus("s-1", "exploded", "not a state"))  # dropped with a warning
         ev = await conn.expect("session_event")
         assert ev.payload == {"session_id": "s-1", "state": "stopped", "reason": "container exited (137)"}
+
+
+async def test_a_new_execution_runs_again_and_a_redelivered_one_is_answered_from_cache():
+    """A retried command comes back with execution 2: it runs again (the cached failure of
+    execution 1 is not the answer); a redelivery of execution 2 is not run a third time."""
+    backend = GatedBackend()
+    backend.errors[("create", "s-1")] = BackendError("the engine is busy", retryable=True)
+    async with FakeControlPlane() as cp, running_agent(cp, backend):
+        conn = await cp.accept()
+        await conn.expect("hello")
+        await conn.command("c1", "create_session", "s-1", create_payload())
+        failed = await conn.expect("failed", command_id="c1")
+        assert failed.payload["execution"] == 1 and failed.payload["retryable"] is True
+        del backend.errors[("create", "s-1")]
+        await conn.send(
+            "command",
+            {
+                "command_id": "c1",
+                "type": "create_session",
+                "session_id": "s-1",
+                "payload": create_payload(),
+                "execution": 2,
+            },
+        )
+        done = await conn.expect("complete", command_id="c1")
+        assert done.payload["execution"] == 2 and done.payload["result"]["state"] == "running"
+        await conn.send(
+            "command",
+            {
+                "command_id": "c1",
+                "type": "create_session",
+                "session_id": "s-1",
+                "payload": create_payload(),
+                "execution": 2,
+            },
+        )
+        again = await conn.expect("complete", command_id="c1")
+        assert again.payload == done.payload
+        assert backend.calls[("create", "s-1")] == 2
+
+
+async def test_a_void_command_waiting_for_its_turn_is_skipped():
+    backend = GatedBackend()
+    gate = backend.gate("create", "s-1")
+    async with FakeControlPlane() as cp, running_agent(cp, backend):
+        conn = await cp.accept()
+        await conn.expect("hello")
+        await conn.command("c1", "create_session", "s-1", create_payload())
+        await gate.wait_entered()
+        await conn.command("c2", "hibernate_session", "s-1")  # queued behind the create
+        await conn.expect("ack", command_id="c2")
+        await conn.send("void", {"command_id": "c2", "execution": 1, "reason": "the control plane gave up"})
+        await conn.command("c3", "get_session", "s-1")  # a later command: runs once the void one is skipped
+        await conn.expect("ack", command_id="c3")  # read after the void, so the void has been read
+        gate.open()
+        await conn.expect("complete", command_id="c1")
+        assert (await conn.expect("complete", command_id="c3")).payload["result"]["state"] == "running"
+        await conn.expect_none("complete", 0.3, command_id="c2")
+        assert ("hibernate", "s-1") not in backend.calls
+
+
+async def test_a_superseded_agent_stops_with_one_clear_line_and_a_non_zero_exit(caplog):
+    """Close 4409 on the current socket: another process connected with this agent's id."""
+    from agent_clients.leadership import AlwaysLeader
+    from agent_clients.runtime import EXIT_SUPERSEDED, Agent
+    from tests.agent.harness import make_config
+
+    async with FakeControlPlane() as cp:
+        agent = Agent(make_config(cp.url), GatedBackend(), AlwaysLeader(), install_signal_handlers=False)
+        task = asyncio.create_task(agent.run())
+        conn = await cp.accept()
+        await conn.expect("hello")
+        await conn.ws.close(protocol.CLOSE_REPLACED, "replaced by a newer connection of the same agent")
+        assert await asyncio.wait_for(task, 10) == EXIT_SUPERSEDED
+        assert agent.connect_attempts == 1  # it did not reconnect
+    lines = [r.getMessage() for r in caplog.records if "this one stops" in r.getMessage()]
+    assert lines == ["another process connected as agent agent-test: this one stops"]
