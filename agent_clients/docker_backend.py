@@ -516,8 +516,12 @@ class DockerBackend(Backend):
                     obj.remove()
             except docker.errors.NotFound:
                 pass
-            except Exception:
-                log.exception("could not remove %s after a failed create", getattr(obj, "name", obj))
+            except Exception as exc:
+                log.warning(
+                    "could not remove %s after a failed create (the garbage collector will): %s",
+                    getattr(obj, "name", obj),
+                    exc,
+                )
 
     @readable_errors("remove the session")
     def terminate(self, session_id: str, *, keep_home: bool = False) -> None:
