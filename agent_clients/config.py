@@ -51,6 +51,7 @@ class AgentConfig:
     gc_grace: float = 60.0  # objects younger than this are never collected (a create may be in flight)
     docker_network_pool: str = "10.213.0.0/16"  # session networks get their subnets from here
     docker_network_prefix: int = 28  # the size of each session's subnet
+    docker_start_timeout: float = 60.0  # seconds a new or woken desktop has to answer on its VNC port
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -116,6 +117,7 @@ _SETTINGS = {
     "gc_grace": ("GC_GRACE", _positive_float),
     "docker_network_pool": ("DOCKER_NETWORK_POOL", _ipv4_network),
     "docker_network_prefix": ("DOCKER_NETWORK_PREFIX", _positive_int),
+    "docker_start_timeout": ("DOCKER_START_TIMEOUT", _positive_float),
 }
 
 

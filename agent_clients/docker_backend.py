@@ -183,6 +183,7 @@ class DockerBackend(Backend):
             max_sessions=cfg.max_sessions,
             network_pool=cfg.docker_network_pool,
             network_prefix=cfg.docker_network_prefix,
+            rfb_timeout=cfg.docker_start_timeout,
         )
 
     def close(self) -> None:

@@ -35,13 +35,13 @@ import uuid
 from collections import Counter
 
 from _support import drop_database, emit, fresh_database, percentile, production_env, progress, setup_django
-from session_start import ApiClient, remove_managed, wait_online
+from session_start import ApiClient, wait_online
 
 N = int(os.environ.get("BENCH_SESSIONS", "200"))
 IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-2")
 CPU = 0.1
 MEMORY_MB = 96
-WINDOW = 8  # sessions starting at once
+WINDOW = 6  # sessions starting at once
 POLL = 0.05
 START_TIMEOUT = 120.0  # one session, from its POST
 TERMINATE_TIMEOUT = 300.0  # all of them
@@ -153,6 +153,32 @@ def managed_objects(agent_id: str) -> list[str]:
         client.close()
 
 
+def remove_managed(agent_id: str) -> int:
+    """Remove whatever of the agent's is still on the engine (after a failure); how many."""
+    import docker
+
+    client = docker.from_env()
+    flt = {"label": [f"streamspace.agent={agent_id}"]}
+    removed = 0
+    try:
+        calls = [
+            lambda c=c: client.api.remove_container(c["Id"], force=True)
+            for c in client.api.containers(all=True, filters=flt)
+        ]
+        calls += [lambda n=n: client.api.remove_network(n["Id"]) for n in client.api.networks(filters=flt)]
+        volumes = (client.api.volumes(filters=flt) or {}).get("Volumes") or []
+        calls += [lambda v=v: client.api.remove_volume(v["Name"], force=True) for v in volumes]
+        for call in calls:
+            try:
+                call()
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+    finally:
+        client.close()
+    return removed
+
+
 def main() -> int:
     available = mem_available_mb()
     if available < N * MIN_MB_PER_DESKTOP:
@@ -221,9 +247,9 @@ def main() -> int:
         from django.db import connections
 
         connections.close_all()
-        removed = remove_managed([agent_id])
+        removed = remove_managed(agent_id)
         if removed:
-            progress(f"removed leftovers: {len(removed)} objects")
+            progress(f"removed leftovers: {removed} objects")
         drop_database(DB_NAME)
     emit(figures)
     return 0
