@@ -597,19 +597,44 @@ class DockerBackend(Backend):
 
     @readable_errors("list the sessions")
     def list_sessions(self) -> list[SessionStatus]:
-        containers = self._call(
+        """One plain listing of the engine (no inspect per container: hundreds of sessions
+        are listed in one call); only stopped containers are inspected, for their exit code."""
+        rows = self._call(
             "list containers",
-            self.client.containers.list,
+            self.client.api.containers,
             all=True,
             filters={"label": [f"{LABEL_AGENT}={self.agent_id}", f"{LABEL_MANAGED}=true"]},
-            ignore_removed=True,  # a container removed between the listing and its inspect
         )
         out = []
-        for c in containers:
-            sid = (c.labels or {}).get(LABEL_SESSION, "")
-            if sid and c.name == container_name(sid):
-                out.append(self._status_of(c))
+        for row in rows:
+            labels = row.get("Labels") or {}
+            sid = labels.get(LABEL_SESSION, "")
+            if not sid or (row.get("Names") or [""])[0].lstrip("/") != container_name(sid):
+                continue
+            if row.get("State") == "running":
+                port = self._listed_port(row)
+                out.append(SessionStatus(sid, "running", vnc_host="127.0.0.1" if port else None, vnc_port=port))
+                continue
+            try:
+                container = self._call("inspect the container", self.client.containers.get, row["Id"])
+            except docker.errors.NotFound:
+                continue  # removed since the listing
+            out.append(self._status_of(container))
         return sorted(out, key=lambda s: s.session_id)
+
+    @staticmethod
+    def _listed_port(row: dict[str, Any]) -> int | None:
+        """The host port of the VNC port in a container listing (the same rule as _host_port)."""
+        port = int((row.get("Labels") or {}).get(LABEL_VNC_PORT, "5901"))
+        for binding in row.get("Ports") or []:
+            if (
+                binding.get("PrivatePort") == port
+                and binding.get("Type") == "tcp"
+                and binding.get("IP") in ("127.0.0.1", "")
+                and binding.get("PublicPort")
+            ):
+                return int(binding["PublicPort"])
+        return None
 
     @readable_errors("find the session's VNC port")
     def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
