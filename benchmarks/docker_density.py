@@ -88,6 +88,14 @@ def setup_rows() -> tuple[str, str, str]:
     return str(AccessToken.for_user(user)), agent_id, token
 
 
+def renew_token(api: ApiClient) -> None:
+    """A fresh access token for the bench user: the run outlasts one (JWT_ACCESS_LIFETIME)."""
+    from django.contrib.auth import get_user_model
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    api.headers["Authorization"] = f"Bearer {AccessToken.for_user(get_user_model().objects.get(username='bench'))}"
+
+
 def start_all(api: ApiClient) -> tuple[dict[str, float], dict[str, str]]:
     """Start N sessions, WINDOW at a time: (create seconds by session, error by failed session)."""
     from sessions_app.models import Session
@@ -96,7 +104,11 @@ def start_all(api: ApiClient) -> tuple[dict[str, float], dict[str, str]]:
     took: dict[str, float] = {}
     failed: dict[str, str] = {}
     made = reported = 0
+    renewed = time.perf_counter()
     while made < N or posted:
+        if time.perf_counter() - renewed > 300:
+            renew_token(api)
+            renewed = time.perf_counter()
         while made < N and len(posted) < WINDOW:
             status, body = api.call("POST", "/api/v1/sessions", {"template": "desktop"})
             made += 1
@@ -128,6 +140,7 @@ def terminate_all(api: ApiClient) -> int:
     from sessions_app.models import Session
 
     live = ("pending", "starting", "running", "hibernating", "hibernated", "waking", "degraded", "terminating")
+    renew_token(api)
     for sid in Session.objects.exclude(state__in=("terminated",)).values_list("pk", flat=True):
         status, body = api.call("DELETE", f"/api/v1/sessions/{sid}")
         if status not in (200, 202, 409):
