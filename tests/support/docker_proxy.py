@@ -108,12 +108,13 @@ class DockerSocketProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if from_client:
-                    with self._lock:
-                        marker = self._marker
-                    if marker is not None and marker in data:
-                        self.cut()
-                        return
+                with self._lock:
+                    cut, marker = self._cut, self._marker
+                if cut:
+                    return  # cut while this connection was still being closed: nothing more passes
+                if from_client and marker is not None and marker in data:
+                    self.cut()
+                    return
                 dst.sendall(data)
         except OSError:
             pass
