@@ -7,6 +7,7 @@ A junk value ends the process with one line naming the setting.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ class AgentConfig:
     ha_renew_deadline: float = 10.0
     ha_retry_period: float = 2.0
     namespace: str = "streamspace"
+    gc_interval: float = 60.0  # seconds between garbage collections (one also after every hello)
+    gc_grace: float = 60.0  # objects younger than this are never collected (a create may be in flight)
+    docker_network_pool: str = "10.213.0.0/16"  # session networks get their subnets from here
+    docker_network_prefix: int = 28  # the size of each session's subnet
+    docker_start_timeout: float = 60.0  # seconds a new or woken desktop has to answer on its VNC port
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -81,6 +87,13 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
+def _ipv4_network(name: str, raw: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(raw.strip()))
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an IPv4 network such as 10.213.0.0/16, got {raw!r} ({exc})") from None
+
+
 # flag name -> (environment variable, parser or None for strings)
 _SETTINGS = {
     "agent_id": ("AGENT_ID", None),
@@ -100,6 +113,11 @@ _SETTINGS = {
     "ha_renew_deadline": ("HA_RENEW_DEADLINE", _positive_float),
     "ha_retry_period": ("HA_RETRY_PERIOD", _positive_float),
     "namespace": ("NAMESPACE", None),
+    "gc_interval": ("GC_INTERVAL", _positive_float),
+    "gc_grace": ("GC_GRACE", _positive_float),
+    "docker_network_pool": ("DOCKER_NETWORK_POOL", _ipv4_network),
+    "docker_network_prefix": ("DOCKER_NETWORK_PREFIX", _positive_int),
+    "docker_start_timeout": ("DOCKER_START_TIMEOUT", _positive_float),
 }
 
 
@@ -130,6 +148,12 @@ def parse_config(argv: list[str] | None = None, *, default_backend: str | None =
     cfg = AgentConfig(**values)  # type: ignore[arg-type]
     if cfg.ha_renew_deadline >= cfg.ha_lease_duration:
         raise ConfigError("HA_RENEW_DEADLINE must be shorter than HA_LEASE_DURATION")
+    pool = ipaddress.IPv4Network(cfg.docker_network_pool)
+    if not pool.prefixlen <= cfg.docker_network_prefix <= 30:
+        raise ConfigError(
+            f"DOCKER_NETWORK_PREFIX must be between {pool.prefixlen} (the pool's own) and 30, "
+            f"got {cfg.docker_network_prefix}"
+        )
     return cfg
 
 

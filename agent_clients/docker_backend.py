@@ -1,5 +1,11 @@
 """Docker backend: one container, one bridge network and one home volume per session.
 
+Each session network gets a small subnet (a /28 by default) from the agent's pool
+(``DOCKER_NETWORK_POOL``, default 10.213.0.0/16): the engine's default address pools hold
+only about 30 bridge networks, the pool thousands. The engine is the source of truth for
+what is taken (the subnets of every network on it); allocation is serialised within the
+process and an overlap the engine reports (another process took it) moves on to the next.
+
 Names are deterministic (``ss-<session>``, ``ss-<session>-net``, ``ss-<session>-home``) and
 every object carries the labels ``streamspace.managed``, ``streamspace.session``,
 ``streamspace.owner`` and ``streamspace.agent``, so the engine itself is the source of
@@ -13,6 +19,8 @@ Every method blocks (docker SDK); the runtime calls them from threads. Errors ar
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import logging
 import os
 import re
@@ -20,7 +28,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -36,6 +45,15 @@ LABEL_SESSION = "streamspace.session"
 LABEL_OWNER = "streamspace.owner"
 LABEL_AGENT = "streamspace.agent"
 LABEL_VNC_PORT = "streamspace.vnc_port"  # the container-side VNC port (templates may differ)
+# On home volumes: "true" if the session asked to keep its home after terminate. The garbage
+# collector removes only volumes labelled "false" (a volume without the label predates it).
+LABEL_KEEP_HOME = "streamspace.keep_home"
+
+DEFAULT_NETWORK_POOL = "10.213.0.0/16"
+DEFAULT_NETWORK_PREFIX = 28
+# Serialises subnet allocation among the backends of this process (one engine per host).
+_NETWORK_LOCK = threading.Lock()
+CREATE_RACE_RETRIES = 3  # a create that lost an object to a concurrent removal starts over
 
 MIN_MEMORY_MB = 64
 # The session id becomes part of Docker object names: keep it to what Docker accepts.
@@ -54,6 +72,56 @@ def network_name(session_id: str) -> str:
 
 def volume_name(session_id: str) -> str:
     return f"ss-{session_id}-home"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def readable_errors(what: str) -> Callable[[F], F]:
+    """A public backend method raises BackendError only: an object that vanished under it
+    (NotFound, a race with a concurrent removal) or any other engine error becomes a
+    sentence for the user, never an "internal agent error"."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except docker.errors.NotFound as exc:
+                raise BackendError(
+                    f"a Docker object disappeared while the agent was trying to {what}: {exc.explanation or exc}",
+                    retryable=True,
+                    detail=str(exc),
+                ) from None
+            except docker.errors.APIError as exc:
+                code = exc.status_code or 500
+                raise BackendError(
+                    f"Docker refused to {what}: {exc.explanation or exc}",
+                    retryable=code >= 500 or code in (408, 409, 429),
+                    detail=str(exc),
+                ) from None
+            except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
+                raise BackendError("Docker engine unreachable", retryable=True, detail=f"{what}: {exc}") from None
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _created_at(raw: Any) -> float | None:
+    """When an engine object was made, as seconds since the epoch, from the engine's RFC 3339
+    timestamps (nanoseconds, Z or an offset) or unix integers; None if unreadable. A value
+    in whole seconds is rounded up (the object is never taken for older than it is)."""
+    if isinstance(raw, (int, float)):
+        return float(raw) + 1
+    if not isinstance(raw, str) or not raw:
+        return None
+    text = re.sub(r"(\.\d{1,6})\d*", r"\1", raw.strip()).replace("Z", "+00:00")
+    try:
+        stamp = datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+    return stamp if "." in text else stamp + 1
 
 
 def rfb_banner(host: str, port: int, timeout: float = 1.0) -> bytes | None:
@@ -83,12 +151,18 @@ class DockerBackend(Backend):
         max_sessions: int = 10,
         rfb_timeout: float = 30.0,
         stop_timeout: int = 10,
+        network_pool: str = DEFAULT_NETWORK_POOL,
+        network_prefix: int = DEFAULT_NETWORK_PREFIX,
     ) -> None:
         self.client = client
         self.agent_id = agent_id
         self.max_sessions = max_sessions
         self.rfb_timeout = rfb_timeout
         self.stop_timeout = stop_timeout
+        self.network_pool = ipaddress.IPv4Network(network_pool)
+        self.network_prefix = int(network_prefix)
+        if not self.network_pool.prefixlen <= self.network_prefix <= 30:
+            raise ValueError(f"subnet prefix /{network_prefix} does not fit the pool {network_pool} (or exceeds /30)")
         # Sessions this process stopped or removed on purpose: their "die" events are not
         # news for watch(). Cleared when the session starts again.
         self._expected_stops: set[str] = set()
@@ -103,7 +177,14 @@ class DockerBackend(Backend):
             client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise BackendError("Docker engine unreachable", retryable=True, detail=str(exc)) from None
-        return cls(client, agent_id=cfg.agent_id, max_sessions=cfg.max_sessions)
+        return cls(
+            client,
+            agent_id=cfg.agent_id,
+            max_sessions=cfg.max_sessions,
+            network_pool=cfg.docker_network_pool,
+            network_prefix=cfg.docker_network_prefix,
+            rfb_timeout=cfg.docker_start_timeout,
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -248,8 +329,30 @@ class DockerBackend(Backend):
 
     # --- Backend interface ---------------------------------------------------------
 
+    @readable_errors("create the session")
     def create(self, spec: SessionSpec) -> SessionStatus:
         self._validate(spec)
+        for attempt in range(1, CREATE_RACE_RETRIES + 1):
+            try:
+                return self._create_once(spec)
+            except docker.errors.ImageNotFound:
+                raise BackendError(f"image {spec.image} is not present on this Docker host", retryable=False) from None
+            except docker.errors.NotFound as exc:
+                # Something this create relies on vanished under it (removed concurrently):
+                # what it made is undone; start over, a few times.
+                log.warning(
+                    "create %s: %s disappeared during the create (attempt %d of %d)",
+                    spec.session_id,
+                    exc.explanation or exc,
+                    attempt,
+                    CREATE_RACE_RETRIES,
+                )
+                if attempt == CREATE_RACE_RETRIES:
+                    raise
+                time.sleep(0.1 * attempt)
+        raise AssertionError("unreachable")
+
+    def _create_once(self, spec: SessionSpec) -> SessionStatus:
         sid = spec.session_id
         existing = self._get_container(sid)
         if existing is not None:
@@ -262,13 +365,14 @@ class DockerBackend(Backend):
                 return self._wait_ready(existing, self.rfb_timeout)
             return self._start(existing)
 
+        # The plain listing (no inspect per container): a container removed meanwhile
+        # cannot fail it, and it costs one call however many sessions the agent holds.
         held = self._call(
             "list containers",
-            self.client.containers.list,
+            self.client.api.containers,
             all=True,
-            filters={"label": f"{LABEL_AGENT}={self.agent_id}"},
+            filters={"label": [f"{LABEL_AGENT}={self.agent_id}", f"{LABEL_MANAGED}=true"]},
         )
-        held = [c for c in held if (c.labels or {}).get(LABEL_MANAGED) == "true"]
         if len(held) >= self.max_sessions:
             raise BackendError(
                 f"this agent holds {len(held)} sessions, its maximum is {self.max_sessions}", retryable=False
@@ -289,7 +393,7 @@ class DockerBackend(Backend):
                 network_name(sid),
                 sid,
                 lambda: self.client.networks.get(network_name(sid)),
-                lambda: self.client.networks.create(network_name(sid), driver="bridge", labels=labels),
+                lambda: self._make_network(network_name(sid), labels),
                 made,
             )
             volume = self._own_or_make(
@@ -297,7 +401,9 @@ class DockerBackend(Backend):
                 volume_name(sid),
                 sid,
                 lambda: self.client.volumes.get(volume_name(sid)),
-                lambda: self.client.volumes.create(volume_name(sid), labels=labels),
+                lambda: self.client.volumes.create(
+                    volume_name(sid), labels={**labels, LABEL_KEEP_HOME: "true" if spec.keep_home else "false"}
+                ),
                 made,
             )
             env = {**spec.env, "VNC_PASSWORD": spec.vnc_password}
@@ -321,11 +427,60 @@ class DockerBackend(Backend):
             )
             made.append(container)
             return self._start(container)
-        except BaseException as exc:
+        except BaseException:
             self._undo(made, sid)
-            if isinstance(exc, docker.errors.ImageNotFound):
-                raise BackendError(f"image {spec.image} is not present on this Docker host", retryable=False) from None
             raise
+
+    # --- session networks: small subnets from the agent's pool -------------------------
+
+    def _used_subnets(self) -> list[ipaddress.IPv4Network]:
+        """Every IPv4 subnet of every network on the engine (ours, other agents', anyone's)."""
+        used = []
+        for net in self._call("list networks", self.client.api.networks):
+            for cfg in (net.get("IPAM") or {}).get("Config") or []:
+                with contextlib.suppress(ValueError, TypeError):
+                    subnet = ipaddress.ip_network(cfg.get("Subnet") or "", strict=False)
+                    if subnet.version == 4:
+                        used.append(subnet)
+        return used
+
+    def _free_subnets(self, used: list[ipaddress.IPv4Network]):
+        """The pool's /prefix subnets that overlap nothing in ``used``, lowest first."""
+        pool, size = self.network_pool, 1 << (32 - self.network_prefix)
+        start, count = int(pool.network_address), pool.num_addresses // size
+        taken: set[int] = set()
+        for net in used:
+            lo, hi = int(net.network_address), int(net.broadcast_address)
+            if hi < start or lo >= start + pool.num_addresses:
+                continue
+            taken.update(range(max(0, (lo - start) // size), min(count - 1, (hi - start) // size) + 1))
+        for index in range(count):
+            if index not in taken:
+                yield ipaddress.IPv4Network((start + index * size, self.network_prefix))
+
+    def _make_network(self, name: str, labels: dict[str, str]) -> Any:
+        """Create the session's bridge network on a free subnet of the pool.
+
+        Raises a non-retryable BackendError naming the pool when none is left."""
+        with _NETWORK_LOCK:
+            for subnet in self._free_subnets(self._used_subnets()):
+                ipam = docker.types.IPAMConfig(
+                    pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=str(subnet.network_address + 1))]
+                )
+                try:
+                    return self.client.networks.create(name, driver="bridge", labels=labels, ipam=ipam)
+                except docker.errors.APIError as exc:
+                    if "overlap" not in str(exc.explanation or exc).lower():
+                        raise
+                    # Taken meanwhile by another process on this engine: try the next one.
+                    log.info("subnet %s for %s is taken already: trying the next", subnet, name)
+            raise BackendError(
+                f"no free /{self.network_prefix} subnet is left in this agent's session network pool "
+                f"{self.network_pool} (DOCKER_NETWORK_POOL): every session needs one. Terminate sessions you no "
+                "longer need, or give the agent a larger pool (DOCKER_NETWORK_POOL) or smaller subnets "
+                "(DOCKER_NETWORK_PREFIX).",
+                retryable=False,
+            )
 
     def _own_or_make(
         self,
@@ -362,9 +517,14 @@ class DockerBackend(Backend):
                     obj.remove()
             except docker.errors.NotFound:
                 pass
-            except Exception:
-                log.exception("could not remove %s after a failed create", getattr(obj, "name", obj))
+            except Exception as exc:
+                log.warning(
+                    "could not remove %s after a failed create (the garbage collector will): %s",
+                    getattr(obj, "name", obj),
+                    exc,
+                )
 
+    @readable_errors("remove the session")
     def terminate(self, session_id: str, *, keep_home: bool = False) -> None:
         self._check_id(session_id)
         with self._lock:
@@ -400,6 +560,7 @@ class DockerBackend(Backend):
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
+    @readable_errors("hibernate the session")
     def hibernate(self, session_id: str) -> SessionStatus:
         self._check_id(session_id)
         container = self._require(session_id)
@@ -412,6 +573,7 @@ class DockerBackend(Backend):
                 raise BackendError(f"session {session_id} not found", retryable=False) from None
         return SessionStatus(session_id, "hibernated")
 
+    @readable_errors("wake the session")
     def wake(self, session_id: str) -> SessionStatus:
         self._check_id(session_id)
         container = self._require(session_id)
@@ -425,6 +587,7 @@ class DockerBackend(Backend):
             raise BackendError(f"session {session_id} not found on this Docker host", retryable=False)
         return container
 
+    @readable_errors("read the session's state")
     def status(self, session_id: str) -> SessionStatus:
         self._check_id(session_id)
         container = self._get_container(session_id)
@@ -432,20 +595,48 @@ class DockerBackend(Backend):
             return SessionStatus(session_id, "missing")
         return self._status_of(container)
 
+    @readable_errors("list the sessions")
     def list_sessions(self) -> list[SessionStatus]:
-        containers = self._call(
+        """One plain listing of the engine (no inspect per container: hundreds of sessions
+        are listed in one call); only stopped containers are inspected, for their exit code."""
+        rows = self._call(
             "list containers",
-            self.client.containers.list,
+            self.client.api.containers,
             all=True,
             filters={"label": [f"{LABEL_AGENT}={self.agent_id}", f"{LABEL_MANAGED}=true"]},
         )
         out = []
-        for c in containers:
-            sid = (c.labels or {}).get(LABEL_SESSION, "")
-            if sid and c.name == container_name(sid):
-                out.append(self._status_of(c))
+        for row in rows:
+            labels = row.get("Labels") or {}
+            sid = labels.get(LABEL_SESSION, "")
+            if not sid or (row.get("Names") or [""])[0].lstrip("/") != container_name(sid):
+                continue
+            if row.get("State") == "running":
+                port = self._listed_port(row)
+                out.append(SessionStatus(sid, "running", vnc_host="127.0.0.1" if port else None, vnc_port=port))
+                continue
+            try:
+                container = self._call("inspect the container", self.client.containers.get, row["Id"])
+            except docker.errors.NotFound:
+                continue  # removed since the listing
+            out.append(self._status_of(container))
         return sorted(out, key=lambda s: s.session_id)
 
+    @staticmethod
+    def _listed_port(row: dict[str, Any]) -> int | None:
+        """The host port of the VNC port in a container listing (the same rule as _host_port)."""
+        port = int((row.get("Labels") or {}).get(LABEL_VNC_PORT, "5901"))
+        for binding in row.get("Ports") or []:
+            if (
+                binding.get("PrivatePort") == port
+                and binding.get("Type") == "tcp"
+                and binding.get("IP") in ("127.0.0.1", "")
+                and binding.get("PublicPort")
+            ):
+                return int(binding["PublicPort"])
+        return None
+
+    @readable_errors("find the session's VNC port")
     def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
         container = self._require(session_id)
         port = self._host_port(container) if container.status == "running" else None
@@ -456,6 +647,70 @@ class DockerBackend(Backend):
     def capacity(self) -> dict[str, Any]:
         host = self._host()
         return {"cpu": host["cpu"], "memory_mb": host["memory_mb"], "max_sessions": self.max_sessions}
+
+    # --- garbage collection -------------------------------------------------------------
+
+    @readable_errors("collect garbage")
+    def collect_garbage(self, live_session_ids: set[str] | frozenset[str], grace: float) -> list[str]:
+        """Remove this agent's managed containers, networks and volumes whose session is not
+        in ``live_session_ids`` and that are older than ``grace`` seconds (a younger one may
+        belong to a create in flight). Home volumes labelled keep_home (or made before that
+        label existed) stay. Only objects labelled with this agent's id are ever touched.
+        Returns what was removed ("network ss-...-net"), one log line each."""
+        cutoff = time.time() - grace
+        flt = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_AGENT}={self.agent_id}"]}
+        removed: list[str] = []
+
+        def orphan(labels: dict[str, str] | None, created: Any) -> str | None:
+            labels = labels or {}
+            sid = labels.get(LABEL_SESSION, "")
+            if labels.get(LABEL_MANAGED) != "true" or labels.get(LABEL_AGENT) != self.agent_id:
+                return None  # the engine's filter did this already; never trust it alone
+            if not sid or sid in live_session_ids:
+                return None
+            born = _created_at(created)
+            if born is None or born > cutoff:
+                return None
+            return sid
+
+        def remove(kind: str, name: str, sid: str, fn: Callable[[], Any]) -> None:
+            try:
+                self._call(f"remove the {kind} {name}", fn)
+            except docker.errors.NotFound:
+                return
+            except BackendError as exc:
+                log.warning("garbage collector: could not remove %s %s: %s", kind, name, exc.detail)
+                return
+            log.info("garbage collector: removed %s %s of session %s (not live on the control plane)", kind, name, sid)
+            removed.append(f"{kind} {name}")
+
+        in_use: set[str] = set()  # sessions whose container stays: their network and volume stay too
+        for c in self._call("list containers", self.client.api.containers, all=True, filters=flt):
+            sid = orphan(c.get("Labels"), c.get("Created"))
+            if sid is None:
+                in_use.add((c.get("Labels") or {}).get(LABEL_SESSION, ""))
+                continue
+            name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
+            with self._lock:
+                self._expected_stops.add(sid)
+            remove("container", name, sid, lambda c=c: self.client.api.remove_container(c["Id"], force=True))
+            with self._lock:
+                self._expected_stops.discard(sid)
+        for n in self._call("list networks", self.client.api.networks, filters=flt):
+            sid = orphan(n.get("Labels"), n.get("Created"))
+            if sid is not None and sid not in in_use:
+                remove("network", n.get("Name", n["Id"]), sid, lambda n=n: self.client.api.remove_network(n["Id"]))
+        volumes = self._call("list volumes", self.client.api.volumes, filters=flt) or {}
+        for v in volumes.get("Volumes") or []:
+            labels = v.get("Labels") or {}
+            sid = orphan(labels, v.get("CreatedAt"))
+            if sid is None or sid in in_use:
+                continue
+            if labels.get(LABEL_KEEP_HOME) != "false":
+                log.debug("garbage collector: keeping home volume %s (keep_home or unlabelled)", v.get("Name"))
+                continue
+            remove("volume", v["Name"], sid, lambda v=v: self.client.api.remove_volume(v["Name"]))
+        return removed
 
     # --- events ------------------------------------------------------------------
 

@@ -86,6 +86,10 @@ def _execution(v: Any) -> bool:
     return v is None or (_int(v) and v >= 1)
 
 
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(_str(x) for x in v)
+
+
 def _tunnel(v: Any) -> bool:
     return _int(v) and v <= 0xFFFFFFFF
 
@@ -115,6 +119,9 @@ AGENT_MESSAGES: dict[str, dict[str, Any]] = {
     "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str)},
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
+    # The garbage collector asks which of this agent's sessions are live; answered with
+    # ``live_sessions`` carrying this message's envelope id as ``request_id``.
+    "live_sessions_request": {},
 }
 
 CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
@@ -131,6 +138,7 @@ CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
     "error": {"reason": lambda v: isinstance(v, str), "ref": _opt_str},
+    "live_sessions": {"request_id": _str, "session_ids": _str_list},
 }
 
 

@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,6 +61,7 @@ PING_INTERVAL = 20.0
 BACKOFF_BASE = 0.5
 STABLE_AFTER = 5.0  # a connection that lasted this long resets the backoff
 AUTH_CLOSE_CODES = (protocol.CLOSE_UNAUTHORIZED, protocol.CLOSE_FORBIDDEN)
+GC_ANSWER_TIMEOUT = 10.0  # seconds the garbage collector waits for the live-session list
 
 T = TypeVar("T")
 CommandKey = tuple[str, int]  # (command id, execution)
@@ -137,6 +139,10 @@ class Agent:
         # watch()
         self._events: collections.deque[SessionStatus] = collections.deque(maxlen=EVENT_QUEUE_LIMIT)
         self._watch_stop = threading.Event()
+
+        # the garbage collector: live_sessions answers awaited, by request id
+        self._live_waiters: dict[str, asyncio.Future] = {}
+        self.gc_rounds = 0
 
         # observable counters (tests, logs)
         self.connections = 0
@@ -369,6 +375,7 @@ class Agent:
                 asyncio.create_task(self._heartbeats(), name="agent-heartbeat"),
                 asyncio.create_task(self._watch_leadership(), name="agent-leadership"),
                 asyncio.create_task(self._stop_connection.wait(), name="agent-stop"),
+                asyncio.create_task(self._garbage_collector(), name="agent-gc"),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -462,6 +469,10 @@ class Agent:
             tunnels.credit(p["tunnel_id"], p["bytes"])
         elif message.type == "error":
             log.warning("control plane reports an error: %s (ref %s)", p["reason"], p.get("ref"))
+        elif message.type == "live_sessions":
+            waiter = self._live_waiters.get(p["request_id"])
+            if waiter is not None and not waiter.done():
+                waiter.set_result(p["session_ids"])
 
     def _spawn(self, coro) -> asyncio.Task:
         async def quiet():
@@ -644,6 +655,47 @@ class Agent:
     def _remember(self, status: SessionStatus) -> None:
         others = [s for s in self._sessions if s.session_id != status.session_id]
         self._sessions = [*others, status] if status.state != "missing" else others
+
+    # --- the garbage collector -------------------------------------------------------
+
+    async def _garbage_collector(self) -> None:
+        """Right after every hello, then every ``gc_interval``: one collection. A failed
+        round is logged and never ends the connection; the next round tries again."""
+        while True:
+            if not self.draining:
+                try:
+                    await self.collect_garbage()
+                except asyncio.CancelledError:
+                    raise
+                except BackendError as exc:
+                    log.warning("garbage collection failed: %s", exc.detail)
+                except (NotConnected, ConnectionClosed, TimeoutError) as exc:
+                    log.warning("garbage collection skipped: no live-session list (%s)", exc.__class__.__name__)
+                except Exception:
+                    log.exception("garbage collection crashed")
+            await asyncio.sleep(self.cfg.gc_interval)
+
+    async def collect_garbage(self) -> list[str]:
+        """Ask the control plane which of this agent's sessions are live, then let the
+        backend remove what belongs to none of them (and is older than ``gc_grace``)."""
+        ws = self._ws
+        if ws is None:
+            raise NotConnected("not connected")
+        request_id = uuid.uuid4().hex
+        waiter = asyncio.get_running_loop().create_future()
+        self._live_waiters[request_id] = waiter
+        asked = time.monotonic()
+        try:
+            await self._send_raw(ws, protocol.encode("live_sessions_request", {}, id=request_id))
+            live = await asyncio.wait_for(waiter, GC_ANSWER_TIMEOUT)
+        finally:
+            self._live_waiters.pop(request_id, None)
+        keep = set(live) | set(self._tails)  # and sessions with a command running here
+        # Objects made after the question was asked are younger than the time since: keep them.
+        grace = self.cfg.gc_grace + (time.monotonic() - asked)
+        removed = await self._in_thread(self.backend.collect_garbage, keep, grace)
+        self.gc_rounds += 1
+        return removed
 
     # --- heartbeats and the session cache -------------------------------------------
 

@@ -16,6 +16,7 @@ from django.db import transaction
 
 from agent_clients import protocol
 from agents_app import commands, selectors, services
+from sessions_app import selectors as session_selectors
 from vnc_app import relay
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         await in_db_thread(services.session_event)(
             agent_pk=self.agent_pk, channel_name=self.channel_name, payload=message.payload
         )
+
+    async def on_live_sessions_request(self, message):
+        ids = await in_db_thread(session_selectors.session_ids_live_on_agent)(agent_pk=self.agent_pk)
+        await self.send(text_data=protocol.encode("live_sessions", {"request_id": message.id, "session_ids": ids}))
 
     async def on_tunnel_ready(self, message):
         await self._to_viewer(message.payload["tunnel_id"], {"type": "tunnel.ready"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from sessions_app.models import Session, Template
+from sessions_app.states import LIVE_STATES
 from streamspace.errors import NotFound
 
 
@@ -27,3 +28,11 @@ def session_get_for_user(*, user, session_id) -> Session:
 
 def templates_enabled():
     return Template.objects.filter(enabled=True).order_by("name")
+
+
+def session_ids_live_on_agent(*, agent_pk: int) -> list[str]:
+    """The ids of the agent's sessions that still hold (or may hold) something on it: what
+    its garbage collector must keep."""
+    return [
+        str(pk) for pk in Session.objects.filter(agent_id=agent_pk, state__in=LIVE_STATES).values_list("pk", flat=True)
+    ]

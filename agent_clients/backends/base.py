@@ -116,6 +116,14 @@ class Backend(abc.ABC):
     def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
         """Host and port a TCP connection reaches the session's VNC server on."""
 
+    def collect_garbage(self, live_session_ids: set[str] | frozenset[str], grace: float) -> list[str]:
+        """Remove what this agent made for sessions that are not in ``live_session_ids`` (the
+        control plane's list of this agent's live sessions) and is older than ``grace``
+        seconds; keep homes whose session asked to keep them. Returns what was removed.
+        Default: nothing (a backend whose platform cleans up after itself, or one that has
+        no garbage collector yet, such as Kubernetes)."""
+        return []
+
     def capacity(self) -> dict[str, Any]:
         """What the agent reports as its capacity: cpu (cores), memory_mb, max_sessions."""
         return {}
