@@ -83,4 +83,15 @@ def test_load_demo_templates_is_idempotent():
 
 def test_drain_agent_stops_new_sessions_landing_on_it(agent):
     assert "draining" in run("drain_agent", agent.agent_id)
-    assert Agent.objects.get(pk=agent.pk).status == "draining"
+    drained = Agent.objects.get(pk=agent.pk)
+    assert drained.status == "draining" and drained.drain_requested
+
+
+def test_undrain_agent_takes_new_sessions_again(agent):
+    run("drain_agent", agent.agent_id)
+    assert "undrained" in run("undrain_agent", agent.agent_id)
+    undrained = Agent.objects.get(pk=agent.pk)
+    assert undrained.status == "online" and not undrained.drain_requested
+    assert "nothing to do" in run("undrain_agent", agent.agent_id)
+    with pytest.raises(CommandError, match="no agent"):
+        call_command("undrain_agent", "nobody")
