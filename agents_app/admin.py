@@ -96,10 +96,10 @@ class AgentAdmin(admin.ModelAdmin):
         for agent in agents:
             services.agent_undrain(agent=agent)
         if agents:
-            self.message_user(request, f"Undrained {_names(agents)}: new sessions may land on them again.")
+            self.message_user(request, f"Undrained {_names(agents)}: new sessions may land there again.")
         if skipped:
             self.message_user(
-                request, f"{_names(skipped)} had not been drained by an operator; left as they are.", messages.WARNING
+                request, f"Left as they are (not drained by an operator): {_names(skipped)}.", messages.WARNING
             )
 
 
