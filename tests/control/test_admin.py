@@ -134,3 +134,9 @@ def test_the_drain_and_undrain_actions_say_what_they_did(admin_client, agent, li
     assert "Undrained agent-1" in page and "(not drained by an operator): agent-2" in page
     assert not Agent.objects.get(pk=agent.pk).drain_requested
     assert Agent.objects.get(pk=agent.pk).status == "online"
+
+
+def test_the_agents_api_shows_drain_and_overcommit(as_carol, agent):
+    agent.__class__.objects.filter(pk=agent.pk).update(drain_requested=True, cpu_overcommit=2.0)
+    body = as_carol.get(f"/api/v1/agents/{agent.agent_id}").json()
+    assert (body["drain_requested"], body["cpu_overcommit"], body["memory_overcommit"]) == (True, 2.0, 1.5)
