@@ -70,6 +70,20 @@ class AgentAdmin(admin.ModelAdmin):
             super().get_queryset(request).annotate(_live=Count("sessions", filter=Q(sessions__state__in=LIVE_STATES)))
         )
 
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # one agent at a time, through the service below
+        return actions
+
+    def has_delete_permission(self, request, obj=None):
+        """An agent still holding live sessions cannot be deleted (drain it, terminate them first)."""
+        if obj is not None and obj.sessions.filter(state__in=LIVE_STATES).exists():
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_model(self, request, obj):
+        services.agent_delete(agent=obj)
+
     @admin.display(boolean=True)
     def connected(self, obj):
         return obj.is_connected
@@ -110,3 +124,10 @@ class AgentCommandAdmin(admin.ModelAdmin):
     search_fields = ["command_id", "agent__agent_id", "session__id"]
     list_select_related = ["agent", "session"]
     readonly_fields = [f.name for f in AgentCommand._meta.fields]
+
+    # The queue is written by the services only, and it is part of each session's audit trail.
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

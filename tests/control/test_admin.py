@@ -41,6 +41,16 @@ def test_a_live_session_cannot_be_deleted_and_keeps_its_audit_trail(admin_client
     assert AgentCommand.objects.filter(session=live_session).count() == 1
     assert VNCConnection.objects.filter(session=live_session).count() == 1
     assert admin_client.get(f"{SESSIONS}add/").status_code == 403
+    command = AgentCommand.objects.get(session=live_session)
+    connection = VNCConnection.objects.get(session=live_session)
+    for url in (
+        f"/admin/agents_app/agentcommand/{command.pk}/delete/",
+        f"/admin/vnc_app/vncconnection/{connection.pk}/delete/",
+    ):
+        assert admin_client.post(url, {"post": "yes"}).status_code == 403
+    assert (
+        AgentCommand.objects.filter(pk=command.pk).exists() and VNCConnection.objects.filter(pk=connection.pk).exists()
+    )
 
 
 def test_terminate_goes_through_the_service_and_says_what_it_did(admin_client, live_session):
@@ -140,3 +150,12 @@ def test_the_agents_api_shows_drain_and_overcommit(as_carol, agent):
     agent.__class__.objects.filter(pk=agent.pk).update(drain_requested=True, cpu_overcommit=2.0)
     body = as_carol.get(f"/api/v1/agents/{agent.agent_id}").json()
     assert (body["drain_requested"], body["cpu_overcommit"], body["memory_overcommit"]) == (True, 2.0, 1.5)
+
+
+def test_an_agent_holding_live_sessions_cannot_be_deleted(admin_client, agent, live_session):
+    spare = Agent.objects.create(agent_id="spare", platform="docker", capacity={})
+    assert admin_client.post(f"{AGENTS}{agent.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert Agent.objects.filter(pk=agent.pk).exists()
+    assert Session.objects.get(pk=live_session.pk).agent_id == agent.pk
+    assert admin_client.post(f"{AGENTS}{spare.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not Agent.objects.filter(pk=spare.pk).exists()
