@@ -1,4 +1,5 @@
-"""Agent configuration from CLI flags and the environment (flags win).
+"""Agent configuration from CLI flags and the environment (flags win); any variable
+``NAME`` may instead be read from the file named by ``NAME_FILE``.
 
 One place for every agent setting; backends and leadership read theirs from here.
 A junk value ends the process with one line naming the setting.
@@ -121,6 +122,19 @@ _SETTINGS = {
 }
 
 
+def env_value(env: str) -> str | None:
+    """``NAME``, or the content of the file named by ``NAME_FILE`` (Docker and Kubernetes
+    secrets), which wins when set, as on the control plane (streamspace/env.py)."""
+    path = os.environ.get(f"{env}_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{env}_FILE: cannot read {path}: {exc.strerror}") from None
+    return os.environ.get(env)
+
+
 def parse_config(argv: list[str] | None = None, *, default_backend: str | None = None) -> AgentConfig:
     """Read flags (``--agent-id``, ``--heartbeat-interval`` ...) then the environment."""
     parser = argparse.ArgumentParser(prog="streamspace-agent", description="StreamSpace agent")
@@ -131,7 +145,7 @@ def parse_config(argv: list[str] | None = None, *, default_backend: str | None =
     for name, (env, parse) in _SETTINGS.items():
         raw = getattr(args, name)
         if raw is None:
-            raw = os.environ.get(env)
+            raw = env_value(env)
         if raw is None or raw == "":
             continue
         values[name] = parse(env, raw) if parse else raw

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import socket
 import threading
@@ -35,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 
 from agent_clients import k8s_manifests as m
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
+from agent_clients.config import env_value
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,11 @@ class KubernetesBackend(Backend):
         K8S_HOME_SIZE (default 10Gi), K8S_STORAGE_CLASS (default: the cluster's default).
         """
         api_client = load_api_client()
-        home_size = os.environ.get("K8S_HOME_SIZE", m.DEFAULT_HOME_SIZE)
+        home_size = env_value("K8S_HOME_SIZE") or m.DEFAULT_HOME_SIZE
         if not m._QUANTITY_RE.match(home_size):
             raise BackendError(f"K8S_HOME_SIZE must be a quantity like 10Gi, got {home_size!r}", retryable=False)
         try:
-            ready_timeout = float(os.environ.get("K8S_READY_TIMEOUT", "180"))
+            ready_timeout = float(env_value("K8S_READY_TIMEOUT") or "180")
         except ValueError:
             raise BackendError("K8S_READY_TIMEOUT must be a number of seconds", retryable=False) from None
         return cls(
@@ -166,7 +166,7 @@ class KubernetesBackend(Backend):
             agent_id=cfg.agent_id,
             ready_timeout=ready_timeout,
             home_size=home_size,
-            storage_class=os.environ.get("K8S_STORAGE_CLASS") or None,
+            storage_class=env_value("K8S_STORAGE_CLASS") or None,
             max_sessions=getattr(cfg, "max_sessions", 0),
         )
 

@@ -1,6 +1,11 @@
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db import models
+
+# The highest overcommit ratios an operator may set (see README "Capacity and overcommit").
+CPU_OVERCOMMIT_MAX = 32.0
+MEMORY_OVERCOMMIT_MAX = 4.0
 
 
 class Agent(models.Model):
@@ -44,6 +49,16 @@ class Agent(models.Model):
     @property
     def is_connected(self) -> bool:
         return bool(self.channel_name)
+
+    def clean(self) -> None:
+        """Overcommit ratios: at least 1 (no undercommit), at most what a desktop host can bear."""
+        errors = {}
+        for name, most in (("cpu_overcommit", CPU_OVERCOMMIT_MAX), ("memory_overcommit", MEMORY_OVERCOMMIT_MAX)):
+            value = getattr(self, name)
+            if value is None or not 1.0 <= value <= most:
+                errors[name] = f"must be between 1 and {most:g}"
+        if errors:
+            raise ValidationError(errors)
 
 
 def _command_id() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Count, FloatField, Q, Sum, Value
+from django.db.models import Count, F, FloatField, Q, Sum, Value
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
@@ -46,32 +46,87 @@ def _capacity(key: str, default: float):
 
 
 def agent_select_for_session(*, cpu: float, memory_mb: int, platform: str = "", region: str = "") -> Agent:
-    """The online agent with the most free capacity (sessions, then CPU, then memory)
-    that fits the request; the ranking runs in the database. Raises NoAgentAvailable."""
-    candidates = Agent.objects.filter(status=Agent.Status.ONLINE, last_heartbeat__gte=agent_liveness_cutoff())
-    if platform:
-        candidates = candidates.filter(platform=platform)
-    if region:
-        candidates = candidates.filter(region=region)
+    """The online, undrained agent with the most free capacity (sessions, then CPU, then
+    memory) that fits the request; the ranking runs in the database. Raises
+    NoAgentAvailable saying why none fits (see ``_why_no_agent``).
+
+    An agent offers its reported CPU and memory times its overcommit ratios (idle desktops
+    use little CPU); one session never gets more than the agent's real cores or memory."""
+    candidates = _agents_matching(platform, region).filter(
+        status=Agent.Status.ONLINE, drain_requested=False, last_heartbeat__gte=agent_liveness_cutoff()
+    )
     live = Q(sessions__state__in=LIVE_STATES)
     consuming = Q(sessions__state__in=CONSUMING_STATES)
     best = (
         candidates.annotate(
+            cpu_real=_capacity("cpu", 10**6),
+            memory_real=_capacity("memory_mb", 10**9),
             free_sessions=_capacity("max_sessions", 10**6) - Count("sessions", filter=live),
-            free_cpu=_capacity("cpu", 10**6) - Coalesce(Sum("sessions__cpu", filter=consuming), Value(0.0)),
-            free_memory=_capacity("memory_mb", 10**9)
+            free_cpu=_capacity("cpu", 10**6) * F("cpu_overcommit")
+            - Coalesce(Sum("sessions__cpu", filter=consuming), Value(0.0)),
+            free_memory=_capacity("memory_mb", 10**9) * F("memory_overcommit")
             - Coalesce(Cast(Sum("sessions__memory_mb", filter=consuming), FloatField()), Value(0.0)),
         )
-        .filter(free_sessions__gte=1, free_cpu__gte=cpu, free_memory__gte=memory_mb)
+        .filter(
+            cpu_real__gte=cpu,
+            memory_real__gte=memory_mb,
+            free_sessions__gte=1,
+            free_cpu__gte=cpu,
+            free_memory__gte=memory_mb,
+        )
         .order_by("-free_sessions", "-free_cpu", "-free_memory", "agent_id")
         .first()
     )
     if best is None:
-        where = " ".join(filter(None, [platform and f"platform={platform}", region and f"region={region}"]))
-        raise NoAgentAvailable(
-            f"no online agent{' with ' + where if where else ''} has room for {cpu:g} CPU and {memory_mb} MB"
-        )
+        raise NoAgentAvailable(_why_no_agent(cpu=cpu, memory_mb=memory_mb, platform=platform, region=region))
     return best
+
+
+def _agents_matching(platform: str, region: str):
+    agents = Agent.objects.all()
+    if platform:
+        agents = agents.filter(platform=platform)
+    if region:
+        agents = agents.filter(region=region)
+    return agents
+
+
+def _why_no_agent(*, cpu: float, memory_mb: int, platform: str, region: str) -> str:
+    """What is wrong and what to do, for the user who could not launch a desktop."""
+    where = " ".join(filter(None, [platform and f"platform={platform}", region and f"region={region}"]))
+    agent = f"agent ({where})" if where else "agent"
+    agents = _agents_matching(platform, region)
+    if not agents.exists():
+        return (
+            f"No {agent} is registered to run desktops yet. "
+            "Ask your administrator to start one (see the README, 'Agents')."
+        )
+    live = agents.filter(
+        status__in=(Agent.Status.ONLINE, Agent.Status.DRAINING), last_heartbeat__gte=agent_liveness_cutoff()
+    )
+    if not live.exists():
+        return (
+            f"No {agent} is online: every registered one has stopped reporting. "
+            "Ask your administrator to check the agents; try again once one is back."
+        )
+    taking = live.filter(status=Agent.Status.ONLINE, drain_requested=False)
+    if not taking.exists():
+        return (
+            f"Every online {agent} is draining (taking no new sessions, for maintenance). "
+            "Try again later, or ask your administrator to undrain one."
+        )
+    big_enough = taking.annotate(cpu_real=_capacity("cpu", 10**6), memory_real=_capacity("memory_mb", 10**9)).filter(
+        cpu_real__gte=cpu, memory_real__gte=memory_mb
+    )
+    if not big_enough.exists():
+        return (
+            f"No online {agent} is big enough for {cpu:g} CPU and {memory_mb} MB. "
+            "Choose a smaller desktop, or ask your administrator for a larger host."
+        )
+    return (
+        f"Every online {agent} is full: none has room for {cpu:g} CPU and {memory_mb} MB right now. "
+        "Try again when a session ends (hibernating or terminating one of yours frees room)."
+    )
 
 
 CAPACITY_KEYS = ("cpu", "memory_mb", "max_sessions")

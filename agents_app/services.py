@@ -9,7 +9,7 @@ import secrets
 import uuid
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from agent_clients import protocol
@@ -110,8 +110,33 @@ def agent_authenticate(*, agent_id: str, raw_token: str | None) -> Agent | None:
     return agent
 
 
-def agent_set_draining(*, agent: Agent) -> None:
-    Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.DRAINING, updated_at=timezone.now())
+def agent_drain(*, agent: Agent) -> int:
+    """The operator's drain: no new session lands on the agent until it is undrained; its
+    sessions keep running. Heartbeats and hellos never undo it. Returns its live sessions."""
+    Agent.objects.filter(pk=agent.pk).update(
+        drain_requested=True,
+        status=Case(When(status=Agent.Status.ONLINE, then=Value(Agent.Status.DRAINING)), default=F("status")),
+        updated_at=timezone.now(),
+    )
+    return Session.objects.filter(agent=agent, state__in=LIVE_STATES).count()
+
+
+def agent_undrain(*, agent: Agent) -> None:
+    """Take new sessions again. An agent draining itself (SIGTERM) says so in its next heartbeat."""
+    Agent.objects.filter(pk=agent.pk).update(
+        drain_requested=False,
+        status=Case(When(status=Agent.Status.DRAINING, then=Value(Agent.Status.ONLINE)), default=F("status")),
+        updated_at=timezone.now(),
+    )
+
+
+def _live_status(*, agent_draining: bool = False):
+    """The status of an agent that just spoke: draining while the operator's drain or the
+    agent's own (a SIGTERM drain) holds, else online. Evaluated in the UPDATE itself, so a
+    drain committed a moment before is never overwritten."""
+    if agent_draining:
+        return Value(Agent.Status.DRAINING)
+    return Case(When(drain_requested=True, then=Value(Agent.Status.DRAINING)), default=Value(Agent.Status.ONLINE))
 
 
 # --- the socket lifecycle ---------------------------------------------------------------
@@ -160,7 +185,7 @@ def agent_hello(*, agent_pk: int, channel_name: str, payload: dict) -> None:
         "platform": payload["platform"],
         "capacity": selectors.clean_capacity(payload["capacity"]),
         "version": str(payload["version"])[:50],
-        "status": Agent.Status.ONLINE,
+        "status": _live_status(),
         "last_heartbeat": now,
         "updated_at": now,
     }
@@ -204,7 +229,7 @@ def _reported_sessions(items: list) -> dict[str, dict]:
 @transaction.atomic
 def agent_heartbeat(*, agent_pk: int, channel_name: str, payload: dict) -> None:
     current_connection(agent_pk=agent_pk, channel_name=channel_name)
-    status = Agent.Status.DRAINING if payload["status"] == "draining" else Agent.Status.ONLINE
+    status = _live_status(agent_draining=payload["status"] == "draining")
     Agent.objects.filter(pk=agent_pk).update(
         last_heartbeat=timezone.now(),
         capacity=selectors.clean_capacity(payload["capacity"]),

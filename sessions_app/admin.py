@@ -1,6 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from sessions_app import services
 from sessions_app.models import Quota, Session, Template
+from sessions_app.states import IllegalTransition, State
+from streamspace.errors import ServiceError
 
 
 @admin.register(Template)
@@ -11,23 +14,70 @@ class TemplateAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
 
 
+def _label(session: Session) -> str:
+    return f"{session.template.name} {str(session.pk)[:8]} ({session.owner.get_username()})"
+
+
 @admin.register(Session)
 class SessionAdmin(admin.ModelAdmin):
+    """Sessions are changed through the services only, as in the portal and the API: the
+    actions below terminate, hibernate or wake them. There is no add and no delete: a row
+    deleted here would leave its container, network and volume running and lose its audit
+    trail (commands, VNC connections); Terminate removes what the session holds and keeps
+    the row. The VNC password is not shown; only the tags are editable."""
+
     list_display = ["id", "owner", "template", "state", "agent", "platform", "region", "created_at", "last_activity"]
     list_filter = ["state", "platform", "region", "template"]
     search_fields = ["id", "owner__username", "agent__agent_id", "cluster_id"]
     list_select_related = ["owner", "template", "agent"]
+    exclude = ["vnc_password"]
     readonly_fields = [
-        "id",
-        "vnc_password",
-        "state",
-        "created_at",
-        "updated_at",
-        "state_changed_at",
-        "started_at",
-        "terminated_at",
-    ]
-    exclude: list = []
+        f.name for f in Session._meta.fields if f.name not in ("tags", "vnc_password")
+    ]  # everything a service owns
+    actions = ["terminate", "hibernate", "wake"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def _apply(self, request, queryset, service, doing: str, skip_states=()):
+        done, unchanged, refused = [], [], []
+        for session in queryset.select_related("template", "owner"):
+            if session.state in skip_states:
+                unchanged.append(f"{_label(session)} is already {session.state}")
+                continue
+            try:
+                service(session=session)
+            except (ServiceError, IllegalTransition) as exc:
+                refused.append(f"{_label(session)}: {exc}")
+            else:
+                done.append(_label(session))
+        if done:
+            self.message_user(request, f"{doing} {len(done)} session(s): {', '.join(done)}.", messages.SUCCESS)
+        if unchanged:
+            self.message_user(request, f"Left as they are: {'; '.join(unchanged)}.", messages.INFO)
+        if refused:
+            self.message_user(request, f"Refused for {len(refused)}: {'; '.join(refused)}.", messages.ERROR)
+
+    @admin.action(description="Terminate: stop and remove what the session holds (the record is kept)")
+    def terminate(self, request, queryset):
+        self._apply(
+            request,
+            queryset,
+            services.session_terminate,
+            "Terminating",
+            skip_states=(State.TERMINATED, State.TERMINATING),
+        )
+
+    @admin.action(description="Hibernate: stop the desktop, keep its disk")
+    def hibernate(self, request, queryset):
+        self._apply(request, queryset, services.session_hibernate, "Hibernating")
+
+    @admin.action(description="Wake a hibernated session")
+    def wake(self, request, queryset):
+        self._apply(request, queryset, services.session_wake, "Waking")
 
 
 @admin.register(Quota)

@@ -19,3 +19,10 @@ class VNCConnectionAdmin(admin.ModelAdmin):
     search_fields = ["session__id", "user__username", "client_address"]
     list_select_related = ["session", "user"]
     readonly_fields = [f.name for f in VNCConnection._meta.fields]
+
+    # An audit trail: written by the relay, never added or removed by hand.
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -195,7 +195,7 @@ def test_offline_agents_are_never_chosen(as_alice, template, db):
     make_agent("down", online=False)
     response = create(as_alice)
     assert response.status_code == 503
-    assert "no online agent" in response.json()["detail"]
+    assert "No agent is online" in response.json()["detail"]
 
 
 def test_unauthenticated_requests_are_401(client, template):

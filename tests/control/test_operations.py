@@ -81,6 +81,32 @@ def test_load_demo_templates_is_idempotent():
     assert Template.objects.filter(slug__startswith="debian-desktop").count() == 2
 
 
+def test_load_demo_templates_keeps_what_an_operator_edited_unless_asked_to_reset():
+    """Found: every ``./dev up`` (which runs load_demo_templates) undid the operator's edits."""
+    run("load_demo_templates")
+    Template.objects.filter(slug="debian-desktop").update(default_cpu=0.25, name="Our desktop")
+    Template.objects.filter(slug="debian-desktop-large").delete()
+    out = run("load_demo_templates")
+    assert "kept template debian-desktop" in out and "created template debian-desktop-large" in out
+    edited = Template.objects.get(slug="debian-desktop")
+    assert (edited.default_cpu, edited.name) == (0.25, "Our desktop")
+    out = run("load_demo_templates", "--reset")
+    assert "reset template debian-desktop" in out
+    reset = Template.objects.get(slug="debian-desktop")
+    assert (reset.default_cpu, reset.name) == (1.0, "Debian desktop")
+
+
 def test_drain_agent_stops_new_sessions_landing_on_it(agent):
     assert "draining" in run("drain_agent", agent.agent_id)
-    assert Agent.objects.get(pk=agent.pk).status == "draining"
+    drained = Agent.objects.get(pk=agent.pk)
+    assert drained.status == "draining" and drained.drain_requested
+
+
+def test_undrain_agent_takes_new_sessions_again(agent):
+    run("drain_agent", agent.agent_id)
+    assert "undrained" in run("undrain_agent", agent.agent_id)
+    undrained = Agent.objects.get(pk=agent.pk)
+    assert undrained.status == "online" and not undrained.drain_requested
+    assert "nothing to do" in run("undrain_agent", agent.agent_id)
+    with pytest.raises(CommandError, match="no agent"):
+        call_command("undrain_agent", "nobody")

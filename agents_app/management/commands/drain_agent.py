@@ -3,11 +3,11 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from agents_app.models import Agent
-from agents_app.services import agent_set_draining
+from agents_app.services import agent_drain
 
 
 class Command(BaseCommand):
-    help = "Mark an agent draining: no new sessions land on it."
+    help = "Drain an agent: no new sessions land on it (its sessions keep running) until undrain_agent."
 
     def add_arguments(self, parser):
         parser.add_argument("agent_id")
@@ -16,6 +16,8 @@ class Command(BaseCommand):
         agent = Agent.objects.filter(agent_id=agent_id).first()
         if agent is None:
             raise CommandError(f"no agent {agent_id!r}")
-        agent_set_draining(agent=agent)
-        live = agent.sessions.exclude(state__in=("terminated", "failed")).count()
-        self.stdout.write(f"agent {agent_id} is draining; {live} live sessions stay where they are")
+        live = agent_drain(agent=agent)
+        self.stdout.write(
+            f"agent {agent_id} is draining: no new sessions land on it; its {live} live session(s) keep running. "
+            f"Undo with: manage.py undrain_agent {agent_id}"
+        )

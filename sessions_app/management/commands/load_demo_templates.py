@@ -1,4 +1,4 @@
-"""Load the demo templates (idempotent)."""
+"""Load the demo templates: create the missing ones, keep what an operator edited (``--reset`` restores them)."""
 
 from django.core.management.base import BaseCommand
 
@@ -32,10 +32,20 @@ DEMO_TEMPLATES = [
 
 
 class Command(BaseCommand):
-    help = "Create or update the demo templates."
+    help = "Create the demo templates that are missing; --reset also restores edited ones to their defaults."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--reset", action="store_true", help="restore existing demo templates to their defaults (undoes edits)"
+        )
+
+    def handle(self, *args, reset=False, **options):
         for spec in DEMO_TEMPLATES:
             fields = {k: v for k, v in spec.items() if k != "slug"}
-            _, created = Template.objects.update_or_create(slug=spec["slug"], defaults=fields)
-            self.stdout.write(f"{'created' if created else 'updated'} template {spec['slug']}")
+            if reset:
+                _, created = Template.objects.update_or_create(slug=spec["slug"], defaults=fields)
+                verb = "created" if created else "reset"
+            else:
+                _, created = Template.objects.get_or_create(slug=spec["slug"], defaults=fields)
+                verb = "created" if created else "kept"
+            self.stdout.write(f"{verb} template {spec['slug']}")
