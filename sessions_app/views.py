@@ -1,7 +1,9 @@
 """The portal: the template catalog, "My sessions", and one POST form per action.
 
 Thin views: parse, call the access helper, call a service, respond. Domain errors become
-a message on the next page; nothing else changes.
+a message on the next page; nothing else changes. A message about one session names it
+and the state it describes (``session_message_tag``), so the page drops the message once
+the session has moved on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from sessions_app import selectors, services
 from sessions_app.states import TRANSITIONAL_STATES, IllegalTransition, State
+from sessions_app.templatetags.portal import session_message_tag
 from streamspace.errors import NotFound, ServiceError
 
 # What each action form asks for, and the service that does it.
@@ -69,7 +72,11 @@ def session_launch(request):
     except ServiceError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Launching {session.template.name}. It appears under My sessions.")
+        messages.success(
+            request,
+            f"Launching {session.template.name}. It appears under My sessions.",
+            extra_tags=session_message_tag(session),
+        )
     return redirect(_home_url())
 
 
@@ -84,9 +91,9 @@ def session_action(request, session_id, action):
         raise Http404("no such session") from None
     service, done = ACTIONS[action]
     try:
-        service(session=session)
+        moved = service(session=session)
     except (ServiceError, IllegalTransition) as exc:
-        messages.error(request, f"{session.template.name}: {exc}")
+        messages.error(request, f"{session.template.name}: {exc}", extra_tags=session_message_tag(session))
     else:
-        messages.success(request, done.format(name=session.template.name))
+        messages.success(request, done.format(name=session.template.name), extra_tags=session_message_tag(moved))
     return redirect(_home_url())

@@ -1,6 +1,8 @@
 // "My sessions" refreshes itself: poll the sessions API (quickly while something is
 // changing, slowly otherwise); when a session of ours changed, swap in the rows the
-// server renders and announce the change. Without this script the forms still work.
+// server renders and announce the change. A flash message about one session (e.g.
+// "Hibernating Desktop.") goes once that session is in another state. Without this
+// script the forms still work.
 (function () {
   "use strict";
 
@@ -86,6 +88,18 @@
     if (el) el.focus();
   }
 
+  // A message names its session and the state it describes (data-session-id,
+  // data-session-state): it is stale once the row shows another state, or is gone.
+  function dropStaleMessages() {
+    for (const li of document.querySelectorAll(".messages .message[data-session-id]")) {
+      const tr = tbody.querySelector(`tr[data-session-id="${CSS.escape(li.dataset.sessionId)}"]`);
+      if (!tr || tr.dataset.state !== li.dataset.sessionState) li.remove();
+    }
+    for (const list of document.querySelectorAll(".messages")) {
+      if (!list.children.length) list.remove();
+    }
+  }
+
   async function refreshRows(sessions) {
     const response = await fetch(config.rows_url, { credentials: "same-origin", headers: { Accept: "text/html" } });
     if (!response.ok || response.redirected) throw new Error(`rows: HTTP ${response.status}, or logged out`);
@@ -97,6 +111,7 @@
     tbody.replaceChildren(holder.content);
     restoreFocus(key);
     announce(before, sessions);
+    dropStaleMessages();
   }
 
   function anyTransitional() {
@@ -136,5 +151,6 @@
     if (!document.hidden) schedule(0);
   });
 
+  dropStaleMessages();
   schedule(anyTransitional() ? FAST_MS : SLOW_MS);
 })();

@@ -1,5 +1,7 @@
 // The desktop viewer: noVNC (served locally from @novnc/novnc) over the StreamSpace
-// relay socket. It wakes a hibernated session, waits for one that is starting,
+// relay socket. Opened on a hibernated session, it wakes it; a session hibernated while
+// the viewer is open (the user in the portal, or a policy) stays hibernated, and the
+// viewer offers a Wake button instead. It waits for a session that is starting,
 // reconnects with exponential backoff when the link drops, and reports what it does
 // in #viewer-status (text + data-state) and in window.streamspaceViewer for tests.
 
@@ -7,6 +9,7 @@ const config = JSON.parse(document.getElementById("viewer-config").textContent);
 const statusEl = document.getElementById("viewer-status");
 const screenEl = document.getElementById("screen");
 const screenWrap = screenEl.parentElement;
+const wakeButton = document.getElementById("viewer-wake");
 
 // Start fetching noVNC at once, while the session's state is being looked at.
 const rfbModule = import(config.rfb_module_url);
@@ -17,14 +20,13 @@ const GOOD_CONNECTION_MS = 5000; // a connection that lasted this long resets th
 const POLL_MS = 1500;
 const SLOW_POLL_MS = 3000;
 const WATCH_MS = 5000; // while connected, how often to look at the session's state
-const MAX_WAKES = 3; // wake requests without reaching "running" before giving up
 const MAX_RELOADS = 3; // page reloads when noVNC's modules fail to load
 const RELOADS_KEY = `streamspace-viewer-reloads-${config.session_id}`;
 // States that end a connection even if the desktop's socket stays open meanwhile.
 const LEAVING_STATES = new Set(["hibernating", "hibernated", "terminating", "terminated", "failed"]);
 
 const viewer = {
-  state: "loading", // loading | waiting | waking | connecting | connected | disconnected | error | ended
+  state: "loading", // loading | waiting | waking | hibernated | connecting | connected | disconnected | error | ended
   connects: 0, // successful connects so far
   sessionState: config.state,
   closeCode: null,
@@ -38,7 +40,8 @@ let rfb = null;
 let timer = null; // the one pending step (poll or reconnect)
 let generation = 0; // bumped by a manual reconnect, so stale callbacks do nothing
 let backoff = BACKOFF_MIN_MS;
-let wakes = 0;
+// Only opening the viewer of a hibernated (or hibernating) session wakes it by itself.
+let wakeOnArrival = config.state === "hibernated" || config.state === "hibernating";
 
 // --- status ------------------------------------------------------------------------------
 
@@ -47,6 +50,7 @@ function setStatus(state, text, link) {
   viewer.message = text;
   statusEl.dataset.state = state;
   statusEl.textContent = text;
+  wakeButton.hidden = state !== "hibernated";
   if (link) {
     const a = document.createElement("a");
     a.href = link.href;
@@ -124,10 +128,13 @@ async function settle() {
 
 function act(state, errorMessage) {
   viewer.sessionState = state;
+  if (state !== "hibernated" && state !== "hibernating") wakeOnArrival = false;
   switch (state) {
     case "running":
       return connect();
     case "hibernated":
+      if (!wakeOnArrival) return setStatus("hibernated", "The desktop is hibernated.");
+      wakeOnArrival = false;
       return wake();
     case "pending":
     case "starting":
@@ -137,7 +144,10 @@ function act(state, errorMessage) {
       setStatus("waking", "Waking the desktop…");
       return later(POLL_MS, settle);
     case "hibernating":
-      setStatus("waiting", "The desktop is hibernating; it will be woken when that is done…");
+      setStatus(
+        "waiting",
+        wakeOnArrival ? "The desktop is hibernating; it will be woken when that is done…" : "The desktop is hibernating…",
+      );
       return later(POLL_MS, settle);
     case "degraded":
       setStatus("waiting", "The desktop's agent is not answering. Waiting for it to come back…");
@@ -154,10 +164,6 @@ function act(state, errorMessage) {
 }
 
 async function wake() {
-  if (wakes >= MAX_WAKES) {
-    return setStatus("error", "The desktop did not wake up. Try again later (Reconnect).");
-  }
-  wakes += 1;
   const gen = generation;
   setStatus("waking", "Waking the desktop…");
   let res;
@@ -165,7 +171,6 @@ async function wake() {
     res = await api(config.wake_url, "POST");
   } catch {
     if (gen !== generation) return;
-    wakes -= 1;
     const delay = nextBackoff();
     setStatus("disconnected", `Cannot reach StreamSpace. Retrying in ${seconds(delay)}…`);
     return later(delay, settle);
@@ -223,7 +228,6 @@ async function connect() {
     viewer.connects += 1;
     viewer.closeCode = null;
     viewer.closeReason = "";
-    wakes = 0;
     setStatus("connected", "Connected.");
     client.focus();
     goodTimer = setTimeout(() => {
@@ -242,7 +246,7 @@ async function connect() {
 
 // While connected, notice a session hibernated or ended elsewhere (the desktop's socket
 // may stay open a while): drop the connection and follow the session (a hibernated one
-// is woken again).
+// stays hibernated until the user wakes it).
 async function watch(client, gen) {
   let res;
   try {
@@ -308,11 +312,18 @@ function dropped(closed, securityFailure) {
   later(delay, settle);
 }
 
+// The Wake button, shown while the session is hibernated.
+function wakeNow() {
+  generation += 1;
+  clearTimeout(timer);
+  backoff = BACKOFF_MIN_MS;
+  wake();
+}
+
 function reconnectNow() {
   generation += 1;
   clearTimeout(timer);
   backoff = BACKOFF_MIN_MS;
-  wakes = 0;
   if (rfb) {
     const old = rfb;
     rfb = null;
@@ -359,6 +370,7 @@ window.addEventListener(
 
 document.getElementById("viewer-fullscreen").addEventListener("click", toggleFullscreen);
 document.getElementById("viewer-reconnect").addEventListener("click", reconnectNow);
+wakeButton.addEventListener("click", wakeNow);
 document.getElementById("viewer-ctrl-alt-del").addEventListener("click", () => {
   if (rfb) {
     rfb.sendCtrlAltDel();
