@@ -108,3 +108,14 @@ class AgentCommand(models.Model):
             "session_id": str(self.session_id) if self.session_id else None,
             "payload": self.payload,
         }
+
+
+class SweepRun(models.Model):
+    """When each periodic sweep last finished: the sweeps' own heartbeat, read by /readyz,
+    so a dead Celery beat (or worker) is visible instead of silent."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    finished_at = models.DateTimeField()
+
+    def __str__(self):
+        return f"{self.name} at {self.finished_at:%Y-%m-%d %H:%M:%S}"

@@ -131,7 +131,10 @@ if CELERY_BROKER_URL == "filesystem://":
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_TIME_LIMIT = 60
 CELERY_TASK_SOFT_TIME_LIMIT = 50
-CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Beat keeps its schedule in memory: every entry is a fixed interval and the sweeps compare
+# database timestamps, so nothing needs to survive a restart, and beat needs no writable
+# directory (a schedule file under var/ made beat die on a fresh PostgreSQL + Redis checkout).
+CELERY_BEAT_SCHEDULER = "celery.beat:Scheduler"
 CELERY_TIMEZONE = "UTC"
 
 # Agents and commands
@@ -143,6 +146,8 @@ COMMAND_TIMEOUT = env_seconds("COMMAND_TIMEOUT", 300)
 COMMAND_MAX_ATTEMPTS = env_int("COMMAND_MAX_ATTEMPTS", 3, minimum=1)
 SESSION_STUCK_AFTER = env_seconds("SESSION_STUCK_AFTER", 120)
 SWEEP_INTERVAL = env_seconds("SWEEP_INTERVAL", 5)
+# /readyz reports the sweeps overdue after 3 of their periods without a run, never sooner than this.
+SWEEP_OVERDUE_MIN = env_seconds("SWEEP_OVERDUE_MIN", 15)
 
 # Per-user limits when no Quota row applies.
 QUOTA_DEFAULT_MAX_SESSIONS = env_int("QUOTA_DEFAULT_MAX_SESSIONS", 5)
