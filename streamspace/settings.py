@@ -44,6 +44,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: a database outage anywhere below answers 503 (JSON for the API), never a 500 page.
+    "streamspace.database_outage.DatabaseOutageMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -76,7 +78,10 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     try:
-        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+        # conn_health_checks: with the pool, Django passes ConnectionPool.check_connection, so each
+        # connection is checked as it leaves the pool and one PostgreSQL dropped (a restart,
+        # pg_terminate_backend, a failover) is replaced instead of failing a request.
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)}
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -88,7 +93,9 @@ if DATABASE_URL:
         options["pool"] = {
             "min_size": env_int("DATABASE_POOL_MIN", 2, minimum=1),
             "max_size": env_int("DATABASE_POOL_MAX", 20, minimum=1),
-            "timeout": 20,
+            # Seconds a request waits for a connection (a reconnect storm may queue that long;
+            # during an outage the request then answers 503).
+            "timeout": env_seconds("DATABASE_POOL_TIMEOUT", 20),
         }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
