@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from agents_app.models import Agent
 from tests.conftest import make_agent
-from tests.live import PYTHON, ROOT, ControlPlane, Process, control_plane_env, wait_for
+from tests.live import PYTHON, ROOT, ControlPlane, Process, control_plane_env, free_port, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -92,3 +92,31 @@ def test_beat_starts_on_a_fresh_postgres_redis_checkout_and_readyz_reports_when_
         beat.kill()
         worker.kill()
         cp.stop()
+
+
+def test_runstack_on_embedded_defaults_runs_beat_and_readyz_sees_the_sweeps(fresh_checkout):
+    """``./dev up`` runs ``manage.py runstack``: on the embedded defaults (SQLite, the
+    in-memory layer, the filesystem broker) beat must run too, and /readyz must see it."""
+    env = control_plane_env(PYTHONPATH=str(fresh_checkout), SWEEP_OVERDUE_MIN="2")
+    for name in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STREAMSPACE_VAR_DIR", "STREAMSPACE_LOCAL_AGENT"):
+        env.pop(name, None)
+    migrate = subprocess.run([PYTHON, "manage.py", "migrate", "-v0"], cwd=fresh_checkout, env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert migrate.returncode == 0, migrate.stderr
+    port = free_port()
+    stack = Process("runstack", [PYTHON, "manage.py", "runstack", "--no-agent", "--port", str(port)], env,
+                    cwd=fresh_checkout).start()  # fmt: skip
+    cp = ControlPlane("runstack-probe", port=port)  # only to ask /readyz; not started
+    try:
+
+        def ready():
+            assert stack.alive, stack.output()
+            try:
+                return readyz(cp)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 60, 0.3, what=f"/readyz ready with the sweeps running\n{stack.output()}")
+        assert readyz(cp)[1]["checks"] == {"database": "ok", "channel_layer": "ok", "sweeps": "ok"}
+    finally:
+        stack.stop(20)
