@@ -103,12 +103,35 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         (self.agent_pk, previous), self.agent_id = attached, agent_id
         relay.register(self)
         if previous:
-            await self.channel_layer.send(previous, {"type": "agent.replaced"})
+            await self._tell(previous, {"type": "agent.replaced"})
         log.info("agent %s connected", self.agent_id)
 
     async def _refuse(self, code: int, reason: str) -> None:
         await self.send(text_data=protocol.encode("error", {"reason": reason, "ref": None}))
         await self.close(code=code, reason=reason)
+
+    close_with_reason = _refuse  # a lost database closes the socket this way (relay.DirectDispatch)
+
+    async def _tell(self, channel: str, event: dict) -> bool:
+        """Deliver ``event`` to another consumer; False when the channel layer is unavailable
+        (the viewer's own process then closes it: relay.LayerWatch)."""
+        try:
+            await relay.deliver(self.channel_layer, channel, event)
+        except relay.LayerUnavailable as exc:
+            log.info("agent %s: could not reach %s: %s", self.agent_id, channel, exc)
+            return False
+        return True
+
+    async def channel_layer_lost(self):
+        """The channel layer is down: release, at the agent, every tunnel whose viewer is in
+        another process (its events can no longer arrive; the viewer is closed there)."""
+        for tunnel_id, route in list(self.tunnels.items()):
+            if not relay.is_local(route.viewer):
+                await self._release_at_agent(tunnel_id, relay.LAYER_UNAVAILABLE)
+
+    async def _release_at_agent(self, tunnel_id: int, reason: str) -> None:
+        if self.tunnels.pop(tunnel_id, None):
+            await self.send(text_data=protocol.encode("tunnel_close", {"tunnel_id": tunnel_id, "reason": reason}))
 
     async def disconnect(self, code):
         if self.agent_pk is None:
@@ -116,9 +139,7 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         relay.unregister(self)
         tunnels, self.tunnels = self.tunnels, {}
         for route in tunnels.values():
-            await relay.deliver(
-                self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": "agent disconnected"}
-            )
+            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": "agent disconnected"})
         await in_db_thread(services.agent_detach)(agent_pk=self.agent_pk, channel_name=self.channel_name)
         log.info("agent %s disconnected (%s)", self.agent_id, code)
 
@@ -154,7 +175,8 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         if route is None:
             return  # a tunnel that just closed; its last bytes have nowhere to go
         event = {"type": "tunnel.data", "seq": route.seq.next(), "bytes": data}
-        await relay.deliver(self.channel_layer, route.viewer, event)
+        if not await self._tell(route.viewer, event):
+            await self._release_at_agent(tunnel_id, relay.LAYER_UNAVAILABLE)
 
     async def _reject(self, exc: protocol.ProtocolError) -> None:
         log.warning("agent %s sent a bad frame: %s", self.agent_id, exc.reason)
@@ -229,18 +251,18 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         route = self.tunnels.pop(message.payload["tunnel_id"], None)
         if route:
             reason = f"the agent could not reach the desktop: {message.payload['error']}"[:120]
-            await relay.deliver(self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": reason})
+            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": reason})
 
     async def on_tunnel_close(self, message):
         route = self.tunnels.pop(message.payload["tunnel_id"], None)
         if route:
             reason = message.payload.get("reason") or "the desktop closed the connection"
-            await relay.deliver(self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": reason[:120]})
+            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": reason[:120]})
 
     async def _to_viewer(self, tunnel_id: int, event: dict) -> None:
         route = self.tunnels.get(tunnel_id)
-        if route:
-            await relay.deliver(self.channel_layer, route.viewer, event)
+        if route and not await self._tell(route.viewer, event):
+            await self._release_at_agent(tunnel_id, relay.LAYER_UNAVAILABLE)
 
     # --- messages from other parts of the control plane --------------------------------
 
@@ -296,4 +318,4 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         route = self.tunnels.pop(tunnel_id, None)
         if route:
             await self.send(text_data=protocol.encode("tunnel_close", {"tunnel_id": tunnel_id, "reason": reason}))
-            await relay.deliver(self.channel_layer, route.viewer, {"type": "tunnel.closed", "reason": reason[:120]})
+            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": reason[:120]})

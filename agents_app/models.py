@@ -124,3 +124,14 @@ class AgentCommand(models.Model):
             "payload": self.payload,
             "execution": self.execution,
         }
+
+
+class SweepRun(models.Model):
+    """When each periodic sweep last finished: the sweeps' own heartbeat, read by /readyz,
+    so a dead Celery beat (or worker) is visible instead of silent."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    finished_at = models.DateTimeField()
+
+    def __str__(self):
+        return f"{self.name} at {self.finished_at:%Y-%m-%d %H:%M:%S}"

@@ -3,6 +3,7 @@
 import os
 
 from celery import Celery
+from celery.signals import beat_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "streamspace.settings")
 
@@ -11,13 +12,29 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
-@app.on_after_finalize.connect
-def declare_periodic_tasks(sender, **kwargs):
+def sweep_periods() -> dict[str, float]:
+    """Seconds between runs of each sweep, by task name (beat's schedule and /readyz read this)."""
     from django.conf import settings
 
     every = settings.SWEEP_INTERVAL
-    sender.conf.beat_schedule = {
-        "sweep-agents": {"task": "agents_app.tasks.sweep_agents", "schedule": every},
-        "sweep-commands": {"task": "agents_app.tasks.sweep_commands", "schedule": every},
-        "sweep-stuck-sessions": {"task": "agents_app.tasks.sweep_stuck_sessions", "schedule": every * 6},
+    return {
+        "agents_app.tasks.sweep_agents": every,
+        "agents_app.tasks.sweep_commands": every,
+        "agents_app.tasks.sweep_stuck_sessions": every * 6,
     }
+
+
+@app.on_after_finalize.connect
+def declare_periodic_tasks(sender, **kwargs):
+    sender.conf.beat_schedule = {
+        task.rsplit(".", 1)[1].replace("_", "-"): {"task": task, "schedule": period}
+        for task, period in sweep_periods().items()
+    }
+
+
+@beat_init.connect
+def sweep_once_at_start(sender, **kwargs):
+    """Run every sweep as soon as beat starts (beat's first run of an entry comes only after
+    one period): a fresh start is swept at once and /readyz sees every sweep run."""
+    for task in sweep_periods():
+        app.send_task(task)

@@ -44,6 +44,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: a database outage anywhere below answers 503 (JSON for the API), never a 500 page.
+    "streamspace.database_outage.DatabaseOutageMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -76,7 +78,10 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     try:
-        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+        # conn_health_checks: with the pool, Django passes ConnectionPool.check_connection, so each
+        # connection is checked as it leaves the pool and one PostgreSQL dropped (a restart,
+        # pg_terminate_backend, a failover) is replaced instead of failing a request.
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0, conn_health_checks=True)}
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
@@ -88,7 +93,9 @@ if DATABASE_URL:
         options["pool"] = {
             "min_size": env_int("DATABASE_POOL_MIN", 2, minimum=1),
             "max_size": env_int("DATABASE_POOL_MAX", 20, minimum=1),
-            "timeout": 20,
+            # Seconds a request waits for a connection (a reconnect storm may queue that long;
+            # during an outage the request then answers 503).
+            "timeout": env_seconds("DATABASE_POOL_TIMEOUT", 20),
         }
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -131,7 +138,10 @@ if CELERY_BROKER_URL == "filesystem://":
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_TIME_LIMIT = 60
 CELERY_TASK_SOFT_TIME_LIMIT = 50
-CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Beat keeps its schedule in memory: every entry is a fixed interval and the sweeps compare
+# database timestamps, so nothing needs to survive a restart, and beat needs no writable
+# directory (a schedule file under var/ made beat die on a fresh PostgreSQL + Redis checkout).
+CELERY_BEAT_SCHEDULER = "celery.beat:Scheduler"
 CELERY_TIMEZONE = "UTC"
 
 # Agents and commands
@@ -146,6 +156,8 @@ COMMAND_RETRY_BACKOFF_BASE = env_seconds("COMMAND_RETRY_BACKOFF_BASE", 2)
 COMMAND_RETRY_BACKOFF_CAP = env_seconds("COMMAND_RETRY_BACKOFF_CAP", 60)
 SESSION_STUCK_AFTER = env_seconds("SESSION_STUCK_AFTER", 120)
 SWEEP_INTERVAL = env_seconds("SWEEP_INTERVAL", 5)
+# /readyz reports the sweeps overdue after 3 of their periods without a run, never sooner than this.
+SWEEP_OVERDUE_MIN = env_seconds("SWEEP_OVERDUE_MIN", 15)
 
 # Per-user limits when no Quota row applies.
 QUOTA_DEFAULT_MAX_SESSIONS = env_int("QUOTA_DEFAULT_MAX_SESSIONS", 5)
@@ -222,7 +234,16 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"one_line": {"()": "streamspace.logs.ExceptionAsOneLine"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "console_one_line": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["one_line"]},
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        "daphne": {"level": "WARNING"},
+        # Redis unreachable: one line a second from channels-redis, not a traceback (see streamspace/logs.py).
+        "channels_redis": {"handlers": ["console_one_line"], "propagate": False},
+    },
 }

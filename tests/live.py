@@ -82,15 +82,15 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 class Process:
     """A child process with its output in a log file (shown when a test fails)."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
-        self.name, self.argv, self.env = name, argv, env
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path = ROOT):
+        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
         self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Process:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child's life)
         self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         return self
 

@@ -121,6 +121,14 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         self.close_reason = self.close_reason or reason
         await self.close(code=code, reason=reason)
 
+    close_with_reason = _finish  # a lost database or channel layer closes this way (relay.DirectDispatch)
+
+    async def channel_layer_lost(self):
+        """The channel layer is down: a tunnel through it carries nothing any more. Close
+        with 4503 and the reason; the viewer reconnects by itself (static/js/viewer.js)."""
+        if self.tunnel_id is not None and not relay.is_local(self.agent_channel):
+            await self._finish(protocol.CLOSE_UNAVAILABLE, relay.LAYER_UNAVAILABLE)
+
     async def disconnect(self, code):
         if self.open_timer:
             self.open_timer.cancel()
@@ -128,11 +136,14 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             return
         relay.unregister(self)
         reason = self.close_reason or f"viewer closed ({code})"
-        await relay.deliver(
-            self.channel_layer,
-            self.agent_channel,
-            {"type": "tunnel.release", "tunnel_id": self.tunnel_id, "reason": reason},
-        )
+        try:
+            await relay.deliver(
+                self.channel_layer,
+                self.agent_channel,
+                {"type": "tunnel.release", "tunnel_id": self.tunnel_id, "reason": reason},
+            )
+        except relay.LayerUnavailable as exc:  # the agent's process releases it (relay.LayerWatch)
+            log.info("viewer of %s: could not release tunnel %s: %s", self.session_id, self.tunnel_id, exc)
         self.tunnel_id = None
         await database_sync_to_async(services.vnc_connection_close)(
             connection_pk=self.connection_pk,

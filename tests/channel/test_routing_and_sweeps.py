@@ -30,7 +30,13 @@ def test_an_api_call_on_one_process_reaches_an_agent_on_another(control_plane, c
 
 @pytest.fixture
 def celery(control_plane):
+    """A worker with beat, returned once it has swept (beat sweeps at start): a test's own
+    deadlines must not include the worker's start-up, which is slow on a loaded machine."""
+    from agents_app.models import SweepRun
+
     worker = celery_worker().start()
+    wait_for(lambda: SweepRun.objects.filter(name="agents_app.tasks.sweep_agents").exists(), 60, 0.1,
+             what=f"the first sweep\n{worker.output()}")  # fmt: skip
     yield worker
     worker.stop()
 

@@ -1,13 +1,17 @@
 """Health probes, the API schema and docs, and the management commands."""
 
 import io
+from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
-from agents_app.models import Agent
+from agents_app.models import Agent, SweepRun
 from agents_app.services import agent_authenticate
+from agents_app.sweep_runs import sweep_run_record
 from sessions_app.models import Template
+from streamspace.celery import sweep_periods
 
 pytestmark = pytest.mark.django_db
 
@@ -17,9 +21,28 @@ def test_healthz_answers_while_the_process_is_up(client):
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_readyz_checks_the_database_and_the_channel_layer(client):
+def test_readyz_checks_the_database_the_channel_layer_and_the_sweeps(client):
+    for name in sweep_periods():
+        sweep_run_record(name=name)
     body = client.get("/readyz").json()
-    assert body == {"status": "ok", "checks": {"database": "ok", "channel_layer": "ok"}}
+    assert body == {"status": "ok", "checks": {"database": "ok", "channel_layer": "ok", "sweeps": "ok"}}
+
+
+def test_readyz_is_not_ready_while_the_sweeps_do_not_run(client, settings):
+    """A dead Celery beat (or worker) must be visible: the sweeps record their own runs."""
+    settings.SWEEP_OVERDUE_MIN = 1
+    for name in sweep_periods():
+        sweep_run_record(name=name)
+    SweepRun.objects.filter(name="agents_app.tasks.sweep_agents").update(
+        finished_at=timezone.now() - timedelta(minutes=5)
+    )
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    sweeps = response.json()["checks"]["sweeps"]
+    assert sweeps.startswith("error: sweep_agents last ran 300s ago"), sweeps
+    assert "is Celery beat running?" in sweeps
+    SweepRun.objects.all().delete()
+    assert "sweep_commands has never run" in client.get("/readyz").json()["checks"]["sweeps"]
 
 
 def test_the_openapi_schema_names_every_endpoint(client):

@@ -62,6 +62,9 @@ class Command(BaseCommand):
             "daphne",
             [py, "-m", "daphne", "-b", host, "-p", str(port), *DAPHNE_SOCKET_FLAGS, "streamspace.asgi:application"],
         )
+        # Beat inside the worker (-B): kombu's filesystem broker (the embedded default) is not
+        # safe between two processes. Beat keeps its schedule in memory, so it starts on every
+        # configuration; if it ever stops, /readyz says so (the sweeps record their runs).
         start(
             "celery",
             [py, "-m", "celery", "--quiet", "-A", "streamspace", "worker", "-B", "--pool=solo", "--loglevel=WARNING"],

@@ -1,0 +1,31 @@
+"""The sweeps' heartbeat: when each last finished, and which are overdue."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.utils import timezone
+
+from agents_app.models import SweepRun
+
+# A sweep is overdue after this many of its periods without a run (and never before
+# SWEEP_OVERDUE_MIN seconds, so a loaded worker is not reported dead).
+MISSED_RUNS = 3
+
+
+def sweep_run_record(*, name: str) -> None:
+    SweepRun.objects.update_or_create(name=name, defaults={"finished_at": timezone.now()})
+
+
+def sweeps_overdue(periods: dict[str, float]) -> list[str]:
+    """One line per sweep that has not run for a few of its periods (empty: all is well)."""
+    now = timezone.now()
+    last = dict(SweepRun.objects.filter(name__in=periods).values_list("name", "finished_at"))
+    problems = []
+    for name, period in periods.items():
+        allowed = max(MISSED_RUNS * period, settings.SWEEP_OVERDUE_MIN)
+        short = name.rsplit(".", 1)[1]
+        if name not in last:
+            problems.append(f"{short} has never run")
+        elif (age := (now - last[name]).total_seconds()) > allowed:
+            problems.append(f"{short} last ran {age:.0f}s ago (every {period:g}s expected)")
+    return problems
