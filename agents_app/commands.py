@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
@@ -17,6 +18,11 @@ from agents_app.models import Agent, AgentCommand
 log = logging.getLogger(__name__)
 
 POKE = {"type": "agent.poke"}
+POKE_TIMEOUT = 1.0  # a frozen Redis must not hold up the request that wrote the command
+
+
+async def _send_poke(channel_name: str) -> None:
+    await asyncio.wait_for(get_channel_layer().send(channel_name, POKE), POKE_TIMEOUT)
 
 
 def command_enqueue(*, agent: Agent, type: str, session=None, payload: dict | None = None) -> AgentCommand:
@@ -41,7 +47,7 @@ def agent_poke(*, agent_pk: int) -> None:
     if not channel_name:
         return
     try:
-        async_to_sync(get_channel_layer().send)(channel_name, POKE)
+        async_to_sync(_send_poke)(channel_name)
     except Exception:  # the layer being down must not fail the request that wrote the command
         log.warning("could not poke agent %s; it will pick the command up on its next heartbeat", agent_pk)
 
