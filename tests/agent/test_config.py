@@ -32,6 +32,11 @@ SAMPLES = {
     "ha_renew_deadline": ("12", 12.0),
     "ha_retry_period": ("3", 3.0),
     "namespace": ("desktops", "desktops"),
+    "gc_interval": ("30", 30.0),
+    "gc_grace": ("90", 90.0),
+    "docker_network_pool": ("10.99.0.0/16", "10.99.0.0/16"),
+    "docker_network_prefix": ("27", 27),
+    "docker_start_timeout": ("45", 45.0),
 }
 
 
