@@ -77,6 +77,18 @@ def volume_name(session_id: str) -> str:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def engine_error(what: str, exc: Exception) -> BackendError:
+    """An engine error (other than NotFound) as a sentence: refused, or unreachable."""
+    if isinstance(exc, docker.errors.APIError):
+        code = exc.status_code or 500
+        return BackendError(
+            f"Docker refused to {what}: {exc.explanation or exc}",
+            retryable=code >= 500 or code in (408, 409, 429),
+            detail=str(exc),
+        )
+    return BackendError("Docker engine unreachable", retryable=True, detail=f"{what}: {exc}")
+
+
 def readable_errors(what: str) -> Callable[[F], F]:
     """A public backend method raises BackendError only: an object that vanished under it
     (NotFound, a race with a concurrent removal) or any other engine error becomes a
@@ -93,15 +105,8 @@ def readable_errors(what: str) -> Callable[[F], F]:
                     retryable=True,
                     detail=str(exc),
                 ) from None
-            except docker.errors.APIError as exc:
-                code = exc.status_code or 500
-                raise BackendError(
-                    f"Docker refused to {what}: {exc.explanation or exc}",
-                    retryable=code >= 500 or code in (408, 409, 429),
-                    detail=str(exc),
-                ) from None
-            except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
-                raise BackendError("Docker engine unreachable", retryable=True, detail=f"{what}: {exc}") from None
+            except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+                raise engine_error(what, exc) from None
 
         return call  # type: ignore[return-value]
 
@@ -214,15 +219,8 @@ class DockerBackend(Backend):
             return fn(*args, **kwargs)
         except docker.errors.NotFound:
             raise
-        except docker.errors.APIError as exc:
-            code = exc.status_code or 500
-            raise BackendError(
-                f"Docker refused to {what}: {exc.explanation or exc}",
-                retryable=code >= 500 or code in (408, 409, 429),
-                detail=str(exc),
-            ) from None
-        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as exc:
-            raise BackendError("Docker engine unreachable", retryable=True, detail=f"{what}: {exc}") from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+            raise engine_error(what, exc) from None
 
     def _get_container(self, session_id: str) -> Any | None:
         try:

@@ -89,3 +89,30 @@ def progress(message: str) -> None:
 def emit(figures: dict) -> None:
     """The benchmark's last line: one JSON object."""
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in figures.items()}), flush=True)
+
+
+def bench_rows(*, image: str, cpu: float, memory_mb: int) -> tuple[str, str, str]:
+    """The bench user (no quota in the way), a desktop template, a registered Docker agent:
+    (jwt, agent id, agent token). Call after setup_django()."""
+    import uuid
+
+    from django.contrib.auth import get_user_model
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from agents_app.services import agent_register
+    from sessions_app.models import Quota, Template
+
+    user = get_user_model().objects.create_user("bench", password="bench-password-1")
+    Quota.objects.create(user=user, max_sessions=10**6, max_cpu=10**6, max_memory_mb=2**31 - 1)
+    Template.objects.create(
+        slug="desktop",
+        name="Desktop",
+        image=image,
+        vnc_port=5901,
+        volume_mount_path="/home/user",
+        default_cpu=cpu,
+        default_memory_mb=memory_mb,
+    )
+    agent_id = f"bench-{uuid.uuid4().hex[:8]}"
+    _, token, _ = agent_register(agent_id=agent_id, platform="docker", region="bench")
+    return str(AccessToken.for_user(user)), agent_id, token

@@ -31,10 +31,18 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 
-from _support import drop_database, emit, fresh_database, percentile, production_env, progress, setup_django
+from _support import (
+    bench_rows,
+    drop_database,
+    emit,
+    fresh_database,
+    percentile,
+    production_env,
+    progress,
+    setup_django,
+)
 from session_start import ApiClient, wait_online
 
 N = int(os.environ.get("BENCH_SESSIONS", "200"))
@@ -58,34 +66,18 @@ def mem_available_mb() -> int:
 
 
 def setup_rows() -> tuple[str, str, str]:
-    """The bench user (no quota in the way), the template, a registered agent: (jwt, agent id, token)."""
-    from django.contrib.auth import get_user_model
-    from rest_framework_simplejwt.tokens import AccessToken
-
+    """The bench user, the template and a registered agent whose overcommit lets N small
+    desktops fit on this host: (jwt, agent id, token)."""
     from agents_app.models import Agent
-    from agents_app.services import agent_register
-    from sessions_app.models import Quota, Template
 
-    user = get_user_model().objects.create_user("bench", password="bench-password-1")
-    Quota.objects.create(user=user, max_sessions=10**6, max_cpu=10**6, max_memory_mb=2**31 - 1)
-    Template.objects.create(
-        slug="desktop",
-        name="Desktop",
-        image=IMAGE,
-        vnc_port=5901,
-        volume_mount_path="/home/user",
-        default_cpu=CPU,
-        default_memory_mb=MEMORY_MB,
-    )
-    agent_id = f"bench-{uuid.uuid4().hex[:8]}"
-    _, token, _ = agent_register(agent_id=agent_id, platform="docker", region="bench")
+    jwt, agent_id, token = bench_rows(image=IMAGE, cpu=CPU, memory_mb=MEMORY_MB)
     # N desktops of CPU cores each on this host's cores: idle desktops use almost no CPU.
     cores = os.cpu_count() or 1
     Agent.objects.filter(agent_id=agent_id).update(
         cpu_overcommit=max(4.0, math.ceil(N * CPU / cores * 1.25)),
         memory_overcommit=max(1.5, math.ceil(N * MEMORY_MB / max(1, mem_available_mb()) * 1.25)),
     )
-    return str(AccessToken.for_user(user)), agent_id, token
+    return jwt, agent_id, token
 
 
 def renew_token(api: ApiClient) -> None:

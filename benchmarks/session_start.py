@@ -33,9 +33,9 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 
 from _support import (
+    bench_rows,
     drop_database,
     emit,
     fresh_database,
@@ -75,27 +75,8 @@ class ApiClient:
 
 
 def setup_rows() -> tuple[str, str, str]:
-    """The bench user (no quota in the way), the template, a registered agent: (jwt, agent id, token)."""
-    from django.contrib.auth import get_user_model
-    from rest_framework_simplejwt.tokens import AccessToken
-
-    from agents_app.services import agent_register
-    from sessions_app.models import Quota, Template
-
-    user = get_user_model().objects.create_user("bench", password="bench-password-1")
-    Quota.objects.create(user=user, max_sessions=10**6, max_cpu=10**6, max_memory_mb=2**31 - 1)
-    Template.objects.create(
-        slug="desktop",
-        name="Desktop",
-        image=IMAGE,
-        vnc_port=5901,
-        volume_mount_path="/home/user",
-        default_cpu=CPU,
-        default_memory_mb=MEMORY_MB,
-    )
-    agent_id = f"bench-{uuid.uuid4().hex[:8]}"
-    _, token, _ = agent_register(agent_id=agent_id, platform="docker", region="bench")
-    return str(AccessToken.for_user(user)), agent_id, token
+    """The bench user, the template and a registered agent: (jwt, agent id, token)."""
+    return bench_rows(image=IMAGE, cpu=CPU, memory_mb=MEMORY_MB)
 
 
 def wait_row(session_id: str, wanted: str) -> float:
