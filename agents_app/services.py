@@ -153,7 +153,7 @@ def agent_attach(*, agent_pk: int, channel_name: str) -> str:
     One live connection per agent: from now on every answer from the replaced socket is
     refused (``current_connection``), and that socket is told to stop."""
     with transaction.atomic():
-        agent = Agent.objects.select_for_update().get(pk=agent_pk)
+        agent = Agent.objects.select_for_update(no_key=True).get(pk=agent_pk)
         previous = agent.channel_name
         agent.channel_name = channel_name
         agent.save(update_fields=["channel_name", "updated_at"])
@@ -169,8 +169,10 @@ def agent_detach(*, agent_pk: int, channel_name: str) -> None:
 def current_connection(*, agent_pk: int, channel_name: str) -> Agent:
     """Lock the agent's row if ``channel_name`` is still its current socket; raise Superseded
     otherwise. Called first in every transaction that takes an agent's answer, so an answer
-    and a newer connection's attach are serialised on the row."""
-    agent = Agent.objects.select_for_update().filter(pk=agent_pk, channel_name=channel_name).first()
+    and a newer connection's attach are serialised on the row. A no-key lock: a user's
+    action that inserts a command for this agent (its foreign key takes a key-share lock on
+    the row) must not wait on it, or the two deadlock over the session row."""
+    agent = Agent.objects.select_for_update(no_key=True).filter(pk=agent_pk, channel_name=channel_name).first()
     if agent is None or not channel_name:
         raise Superseded("another connection of this agent replaced this one")
     return agent
