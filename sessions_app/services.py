@@ -270,8 +270,10 @@ def session_on_command_completed(*, command: AgentCommand, result: dict) -> None
         _move(session, State.RUNNING, error_message=None, **endpoint_fields(result))
     elif kind == T.HIBERNATE_SESSION and session.state in (State.HIBERNATING, State.DEGRADED):
         _move(session, State.HIBERNATED)
-    elif kind == T.TERMINATE_SESSION and session.state in (State.TERMINATING, State.FAILED):
+    elif kind == T.TERMINATE_SESSION and session.state == State.TERMINATING:
         _move(session, State.TERMINATED, terminated_at=timezone.now())
+    # A failed session stays failed when the cleanup of its leftovers completes (the user
+    # still sees why it failed, and its home, if it ever ran, stays until they terminate it).
     elif kind == T.GET_SESSION:
         session_settle(session=session, reported=str(result.get("state", "")), endpoint=endpoint_fields(result))
 
@@ -299,6 +301,9 @@ def session_on_command_failed(*, command: AgentCommand, error: str) -> None:
     message = f"{command.type.replace('_', ' ')} failed: {error}"[:2000]
     if command.type == T.HIBERNATE_SESSION and session.state == State.HIBERNATING:
         _move(session, State.RUNNING, error_message=message)
+    elif command.type == T.WAKE_SESSION and session.state == State.WAKING:
+        # Nothing was lost: the desktop stays hibernated with its home, and can be woken again.
+        _move(session, State.HIBERNATED, error_message=message)
     elif command.type != T.GET_SESSION and session.state in _FAILABLE:
         _move(session, State.FAILED, error_message=message)
 
@@ -419,7 +424,11 @@ def session_reconcile(*, session: Session, reported: str, detail: str = "", endp
     elif action == State.FAILED:
         _move(session, State.FAILED, error_message=_lost_reason(reported, detail)[:2000])
     elif action == CLEANUP:
-        _enqueue_unless_in_flight(session, AgentCommand.Type.TERMINATE_SESSION, {"keep_home": session.keep_home})
+        # A failed session that once ran keeps its home (the user's Terminate removes it).
+        keep_home = session.keep_home or (session.state == State.FAILED and session.started_at is not None)
+        _enqueue_unless_in_flight(
+            session, AgentCommand.Type.TERMINATE_SESSION, {"keep_home": keep_home, "cleanup": True}
+        )
     elif action == HIBERNATE_AGAIN:
         _enqueue_unless_in_flight(session, AgentCommand.Type.HIBERNATE_SESSION, {})
     log.info("session %s (%s): agent reports %s -> %s", session.pk, session.state, reported, action)
@@ -443,6 +452,10 @@ def session_on_late_result(*, command: AgentCommand, result: dict) -> None:
     reported = str(result.get("state", ""))
     if reported == "terminated":
         reported = "missing"
+    user_terminate = command.type == AgentCommand.Type.TERMINATE_SESSION and not command.payload.get("cleanup")
+    if user_terminate and session.state == State.FAILED and reported == "missing":
+        _move(session, State.TERMINATED, terminated_at=timezone.now())  # the terminate went through late
+        return
     session_reconcile(session=session, reported=reported, detail=str(result.get("detail") or ""),
                       endpoint=endpoint_fields(result))  # fmt: skip
 

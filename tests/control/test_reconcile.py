@@ -120,10 +120,62 @@ def test_a_late_create_of_a_failed_session_is_recorded_and_cleaned_up(alice, tem
     assert create.status == "completed" and "completed late" in create.error_message
     assert Session.objects.get(pk=session.pk).state == State.FAILED
     cleanup = AgentCommand.objects.get(session=session, type="terminate_session")
+    assert cleanup.payload == {"keep_home": False, "cleanup": True}, "a create that never ran leaves nothing to keep"
     services.command_complete(
         agent_pk=agent.pk, channel_name=SOCKET, command_id=cleanup.command_id, result={"state": "terminated"}
     )
+    after = Session.objects.get(pk=session.pk)
+    assert after.state == State.FAILED and after.error_message == "did not acknowledge", "the user still sees why"
+
+
+def test_the_cleanup_of_a_failed_session_that_ran_keeps_its_home(alice, template, agent):
+    session = session_on(agent, alice, template, State.FAILED, started_at=timezone.now(), error_message="lost")
+    session_services.session_reconcile(session=session, reported="hibernated")
+    cleanup = AgentCommand.objects.get(session=session, type="terminate_session")
+    assert cleanup.payload == {"keep_home": True, "cleanup": True}
+
+
+def test_a_failed_wake_leaves_the_desktop_hibernated_with_its_home(alice, template, agent):
+    """Found by review: a wake that failed (or timed out while the agent was away) made the
+    session failed, and its home was then removed as a failed session's leftover."""
+    session = session_on(agent, alice, template, State.WAKING, started_at=timezone.now())
+    wake = command_for(session, type_="wake_session", status="acked")
+    services.command_fail(
+        agent_pk=agent.pk, channel_name=SOCKET, command_id=wake.command_id, error="no room", retryable=False,
+        max_attempts=3,
+    )  # fmt: skip
+    after = Session.objects.get(pk=session.pk)
+    assert after.state == State.HIBERNATED and "wake session failed: no room" in after.error_message
+    assert not AgentCommand.objects.filter(session=session, type="terminate_session").exists()
+
+
+def test_a_wake_that_timed_out_leaves_the_desktop_hibernated(alice, template, agent):
+    from agents_app.sweeps import sweep_commands
+
+    session = session_on(agent, alice, template, State.WAKING, started_at=timezone.now())
+    command_for(session, type_="wake_session", status="pending", deadline=timezone.now() - timedelta(seconds=1))
+    sweep_commands()
+    assert Session.objects.get(pk=session.pk).state == State.HIBERNATED
+
+
+def test_a_users_terminate_that_went_through_late_terminates_the_session(alice, template, agent):
+    session = session_on(agent, alice, template, State.FAILED, error_message="terminate session failed: no answer")
+    terminate = command_for(session, type_="terminate_session", status="timed_out", payload={"keep_home": False})
+    services.command_complete(
+        agent_pk=agent.pk, channel_name=SOCKET, command_id=terminate.command_id, result={"state": "terminated"}
+    )
     assert Session.objects.get(pk=session.pk).state == State.TERMINATED
+
+
+def test_a_cleanup_that_went_through_late_leaves_the_session_failed(alice, template, agent):
+    session = session_on(agent, alice, template, State.FAILED, started_at=timezone.now(), error_message="lost")
+    cleanup = command_for(
+        session, type_="terminate_session", status="timed_out", payload={"keep_home": True, "cleanup": True}
+    )
+    services.command_complete(
+        agent_pk=agent.pk, channel_name=SOCKET, command_id=cleanup.command_id, result={"state": "terminated"}
+    )
+    assert Session.objects.get(pk=session.pk).state == State.FAILED
 
 
 def test_a_late_hibernate_makes_the_session_hibernated(alice, template, agent):
