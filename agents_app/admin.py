@@ -1,3 +1,5 @@
+import json
+
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, Q
@@ -5,6 +7,7 @@ from django.db.models import Count, Q
 from agents_app import services
 from agents_app.models import CPU_OVERCOMMIT_MAX, MEMORY_OVERCOMMIT_MAX, Agent, AgentCommand
 from sessions_app.states import LIVE_STATES
+from streamspace.admin_saving import SaveChangedFieldsOnly
 
 
 class AgentForm(forms.ModelForm):
@@ -29,12 +32,23 @@ class AgentForm(forms.ModelForm):
         }
 
 
+SECRET_KEYS = ("password", "token", "secret")
+
+
+def _masked(value):
+    if isinstance(value, dict):
+        return {k: "********" if any(s in k.lower() for s in SECRET_KEYS) else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _names(agents) -> str:
     return ", ".join(a.agent_id for a in agents)
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin):
+class AgentAdmin(SaveChangedFieldsOnly):
     form = AgentForm
     list_display = [
         "agent_id",
@@ -123,7 +137,13 @@ class AgentCommandAdmin(admin.ModelAdmin):
     list_filter = ["status", "type", "agent"]
     search_fields = ["command_id", "agent__agent_id", "session__id"]
     list_select_related = ["agent", "session"]
-    readonly_fields = [f.name for f in AgentCommand._meta.fields]
+    exclude = ["payload"]
+    readonly_fields = [f.name for f in AgentCommand._meta.fields if f.name != "payload"] + ["payload_shown"]
+
+    @admin.display(description="payload")
+    def payload_shown(self, obj):
+        """The payload with secrets masked (a create carries the session's VNC password)."""
+        return json.dumps(_masked(obj.payload), indent=2, sort_keys=True)
 
     # The queue is written by the services only, and it is part of each session's audit trail.
     def has_add_permission(self, request):

@@ -3,6 +3,7 @@ from django.contrib import admin, messages
 from sessions_app import services
 from sessions_app.models import Quota, Session, Template
 from sessions_app.states import IllegalTransition, State
+from streamspace.admin_saving import SaveChangedFieldsOnly
 from streamspace.errors import ServiceError
 
 
@@ -19,7 +20,7 @@ def _label(session: Session) -> str:
 
 
 @admin.register(Session)
-class SessionAdmin(admin.ModelAdmin):
+class SessionAdmin(SaveChangedFieldsOnly):
     """Sessions are changed through the services only, as in the portal and the API: the
     actions below terminate, hibernate or wake them. There is no add and no delete: a row
     deleted here would leave its container, network and volume running and lose its audit

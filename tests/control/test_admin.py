@@ -159,3 +159,53 @@ def test_an_agent_holding_live_sessions_cannot_be_deleted(admin_client, agent, l
     assert Session.objects.get(pk=live_session.pk).agent_id == agent.pk
     assert admin_client.post(f"{AGENTS}{spare.pk}/delete/", {"post": "yes"}).status_code == 302
     assert not Agent.objects.filter(pk=spare.pk).exists()
+
+
+# --- saving writes only what the operator changed ----------------------------------------
+
+
+def test_saving_a_session_never_writes_back_a_state_a_service_moved_meanwhile(admin_client, live_session, monkeypatch):
+    """Found by review: the admin saved the whole row it read, so a state the agent's answer
+    moved while the form was being validated was overwritten with the stale one."""
+
+    def agent_answer_lands(self, *args, **kwargs):
+        Session.objects.filter(pk=self.pk).update(state=State.HIBERNATING)
+
+    monkeypatch.setattr(Session, "clean", agent_answer_lands)
+    response = admin_client.post(f"{SESSIONS}{live_session.pk}/change/", {"tags": '["edited"]'})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    after = Session.objects.get(pk=live_session.pk)
+    assert (after.tags, after.state) == (["edited"], State.HIBERNATING)
+
+
+def test_saving_an_agent_never_writes_back_its_socket_or_heartbeat(admin_client, agent, monkeypatch):
+    """Found by review: editing overcommit while the agent reconnected wrote the old socket's
+    channel name back; fencing then took the new socket for a superseded one."""
+    original_clean = Agent.clean
+
+    def reconnect_lands(self, *args, **kwargs):
+        Agent.objects.filter(pk=self.pk).update(channel_name="socket-after-reconnect", status="offline")
+        return original_clean(self, *args, **kwargs)
+
+    monkeypatch.setattr(Agent, "clean", reconnect_lands)
+    form = {
+        "agent_id": agent.agent_id,
+        "platform": agent.platform,
+        "region": agent.region,
+        "metadata": "{}",
+        "cpu_overcommit": "8",
+        "memory_overcommit": "1.5",
+    }
+    response = admin_client.post(f"{AGENTS}{agent.pk}/change/", form)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    after = Agent.objects.get(pk=agent.pk)
+    assert (after.cpu_overcommit, after.channel_name, after.status) == (8.0, "socket-after-reconnect", "offline")
+
+
+def test_the_command_page_masks_the_vnc_password(admin_client, live_session):
+    """Found by review: the create command's payload, shown read-only, held the VNC password."""
+    command = AgentCommand.objects.get(session=live_session, type="create_session")
+    assert command.payload["vnc_password"] == live_session.vnc_password
+    html = admin_client.get(f"/admin/agents_app/agentcommand/{command.pk}/change/").content.decode()
+    assert "vnc_password" in html and "********" in html
+    assert live_session.vnc_password not in html
