@@ -1,8 +1,12 @@
 """Liveness and readiness probes.
 
-``/healthz``: the process answers. ``/readyz``: the database and the channel layer
-answer, and the periodic sweeps (Celery beat + worker) have run recently; each failed
-check names its reason, and the answer is 503 while any fails."""
+``/healthz``: the process answers. ``/readyz``: this process can serve (the database and
+the channel layer answer); each failed check names its reason, and the answer is 503
+while any fails. Load balancers read it, so it does not depend on Celery: a dead beat
+must not take every Daphne out of service. ``/healthz/sweeps``: the periodic sweeps
+(Celery beat + worker) have run recently, 503 with the reason otherwise; for monitoring,
+and the same check as ``manage.py check_sweeps`` (the beat Deployment's liveness probe).
+``/readyz`` shows the sweeps' state too, without letting it decide."""
 
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
@@ -35,10 +39,22 @@ def readyz(request):
         checks["channel_layer"] = "ok"
     except Exception as exc:
         checks["channel_layer"] = f"error: {exc.__class__.__name__}"
-    if checks["database"] == "ok":
-        overdue = sweeps_overdue(sweep_periods())
-        checks["sweeps"] = f"error: {'; '.join(overdue)} (is Celery beat running?)" if overdue else "ok"
-    else:
-        checks["sweeps"] = "unknown: the database is unavailable"
     ok = all(v == "ok" for v in checks.values())
-    return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+    body = {"status": "ok" if ok else "unavailable", "checks": checks}
+    body["sweeps"] = sweeps_check() if checks["database"] == "ok" else "unknown: the database is unavailable"
+    return JsonResponse(body, status=200 if ok else 503)
+
+
+def sweeps_check() -> str:
+    """ "ok", or "error: <which sweeps are overdue>" (reads the database)."""
+    overdue = sweeps_overdue(sweep_periods())
+    return f"error: {'; '.join(overdue)} (is Celery beat running?)" if overdue else "ok"
+
+
+def sweeps(request):
+    try:
+        state = sweeps_check()
+    except Exception as exc:
+        state = f"unknown: the database is unavailable ({exc.__class__.__name__})"
+    ok = state == "ok"
+    return JsonResponse({"status": "ok" if ok else "unavailable", "sweeps": state}, status=200 if ok else 503)

@@ -27,6 +27,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger"),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
+    path("healthz/sweeps", health.sweeps),
     path("", include("sessions_app.urls")),
     path("", include("vnc_app.urls")),
 ]

@@ -54,18 +54,31 @@ def in_checkout(name: str, checkout: Path, argv: list[str]) -> Process:
     return Process(name, argv, env, cwd=checkout)
 
 
-def readyz(cp: ControlPlane) -> tuple[int, dict]:
+def probe(cp: ControlPlane, path: str) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(cp.http_url + "/readyz", timeout=5) as r:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(cp.http_url + path, timeout=5) as r:  # noqa: S310 (loopback)
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
 
 
-def test_beat_starts_on_a_fresh_postgres_redis_checkout_and_readyz_reports_when_it_dies(fresh_checkout):
+def readyz(cp: ControlPlane) -> tuple[int, dict]:
+    return probe(cp, "/readyz")
+
+
+def sweeps(cp: ControlPlane) -> tuple[int, dict]:
+    return probe(cp, "/healthz/sweeps")
+
+
+def check_sweeps(checkout) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "manage.py", "check_sweeps"], cwd=checkout, env=control_plane_env(
+        PYTHONPATH=str(checkout), SWEEP_OVERDUE_MIN="5"), capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_beat_starts_on_a_fresh_postgres_redis_checkout_and_a_dead_beat_is_visible(fresh_checkout):
     silent = make_agent("beat-silent-agent")
     Agent.objects.filter(pk=silent.pk).update(last_heartbeat=timezone.now() - timedelta(hours=1))
-    cp = ControlPlane("daphne-beat", SWEEP_OVERDUE_MIN="2").start()
+    cp = ControlPlane("daphne-beat", SWEEP_OVERDUE_MIN="5").start()
     celery = [PYTHON, "-m", "celery", "-A", "streamspace"]
     beat = in_checkout("beat", fresh_checkout, [*celery, "beat", "--loglevel=INFO"])
     worker = in_checkout("worker", fresh_checkout, [*celery, "worker", "--pool=solo", "--loglevel=INFO"])
@@ -78,16 +91,22 @@ def test_beat_starts_on_a_fresh_postgres_redis_checkout_and_readyz_reports_when_
             return Agent.objects.get(pk=silent.pk).status == Agent.Status.OFFLINE
 
         wait_for(offline, 30, 0.2, what=f"the sweep to take the silent agent offline\n{worker.output()}")
-        wait_for(lambda: readyz(cp)[0] == 200, 20, 0.2, what=f"/readyz ready: {readyz(cp)}")
-        assert readyz(cp)[1]["checks"]["sweeps"] == "ok"
+        wait_for(lambda: sweeps(cp)[0] == 200, 20, 0.2, what=f"/healthz/sweeps ok: {sweeps(cp)}")
+        status, body = readyz(cp)
+        assert status == 200 and body["checks"] == {"database": "ok", "channel_layer": "ok"}, body
+        wait_for(lambda: check_sweeps(fresh_checkout).returncode == 0, 30, 0.2, what="check_sweeps ok")
         assert not (fresh_checkout / "var").exists(), "beat needs no writable directory"
 
         beat.kill()
-        _, body = wait_for(lambda: (r := readyz(cp))[0] == 503 and r, 20, 0.2, what="/readyz not ready")
+        _, body = wait_for(lambda: (r := sweeps(cp))[0] == 503 and r, 20, 0.2, what="/healthz/sweeps failing")
         assert body["status"] == "unavailable"
-        assert body["checks"]["database"] == "ok"
-        assert "sweep_agents last ran" in body["checks"]["sweeps"], body
-        assert "is Celery beat running?" in body["checks"]["sweeps"], body
+        assert "sweep_agents last ran" in body["sweeps"] and "is Celery beat running?" in body["sweeps"], body
+        # Visible on /readyz too, but a dead beat does not take this process out of service.
+        status, body = readyz(cp)
+        assert status == 200 and "is Celery beat running?" in body["sweeps"], body
+        # The beat Deployment's liveness probe fails, so Kubernetes restarts beat.
+        failed = check_sweeps(fresh_checkout)
+        assert failed.returncode == 1 and "is Celery beat running?" in failed.stderr, failed
     finally:
         beat.kill()
         worker.kill()
@@ -97,7 +116,7 @@ def test_beat_starts_on_a_fresh_postgres_redis_checkout_and_readyz_reports_when_
 def test_runstack_on_embedded_defaults_runs_beat_and_readyz_sees_the_sweeps(fresh_checkout):
     """``./dev up`` runs ``manage.py runstack``: on the embedded defaults (SQLite, the
     in-memory layer, the filesystem broker) beat must run too, and /readyz must see it."""
-    env = control_plane_env(PYTHONPATH=str(fresh_checkout), SWEEP_OVERDUE_MIN="2")
+    env = control_plane_env(PYTHONPATH=str(fresh_checkout), SWEEP_OVERDUE_MIN="5")
     for name in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "STREAMSPACE_VAR_DIR", "STREAMSPACE_LOCAL_AGENT"):
         env.pop(name, None)
     migrate = subprocess.run([PYTHON, "manage.py", "migrate", "-v0"], cwd=fresh_checkout, env=env,
@@ -116,7 +135,8 @@ def test_runstack_on_embedded_defaults_runs_beat_and_readyz_sees_the_sweeps(fres
             except OSError:
                 return False
 
-        wait_for(ready, 60, 0.3, what=f"/readyz ready with the sweeps running\n{stack.output()}")
-        assert readyz(cp)[1]["checks"] == {"database": "ok", "channel_layer": "ok", "sweeps": "ok"}
+        wait_for(ready, 60, 0.3, what=f"/readyz ready\n{stack.output()}")
+        wait_for(lambda: sweeps(cp)[0] == 200, 30, 0.3, what=f"the sweeps running\n{stack.output()}")
+        assert readyz(cp)[1]["checks"] == {"database": "ok", "channel_layer": "ok"}
     finally:
         stack.stop(20)

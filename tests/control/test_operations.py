@@ -21,28 +21,35 @@ def test_healthz_answers_while_the_process_is_up(client):
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_readyz_checks_the_database_the_channel_layer_and_the_sweeps(client):
+def test_readyz_checks_the_database_and_the_channel_layer_and_shows_the_sweeps(client):
     for name in sweep_periods():
         sweep_run_record(name=name)
     body = client.get("/readyz").json()
-    assert body == {"status": "ok", "checks": {"database": "ok", "channel_layer": "ok", "sweeps": "ok"}}
+    assert body == {"status": "ok", "checks": {"database": "ok", "channel_layer": "ok"}, "sweeps": "ok"}
+    assert client.get("/healthz/sweeps").json() == {"status": "ok", "sweeps": "ok"}
 
 
-def test_readyz_is_not_ready_while_the_sweeps_do_not_run(client, settings):
-    """A dead Celery beat (or worker) must be visible: the sweeps record their own runs."""
+def test_stopped_sweeps_are_visible_without_taking_the_process_out_of_service(client, settings):
+    """A dead Celery beat (or worker) must be visible: the sweeps record their own runs.
+    /healthz/sweeps and check_sweeps fail; /readyz (what load balancers read) shows it but
+    stays ready: found by review, a beat restart made every Daphne pod unready."""
     settings.SWEEP_OVERDUE_MIN = 1
     for name in sweep_periods():
         sweep_run_record(name=name)
     SweepRun.objects.filter(name="agents_app.tasks.sweep_agents").update(
         finished_at=timezone.now() - timedelta(minutes=5)
     )
-    response = client.get("/readyz")
+    response = client.get("/healthz/sweeps")
     assert response.status_code == 503
-    sweeps = response.json()["checks"]["sweeps"]
-    assert sweeps.startswith("error: sweep_agents last ran 300s ago"), sweeps
-    assert "is Celery beat running?" in sweeps
+    state = response.json()["sweeps"]
+    assert state.startswith("error: sweep_agents last ran 300s ago"), state
+    assert "is Celery beat running?" in state
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["sweeps"] == state
+    with pytest.raises(CommandError, match="is Celery beat running"):
+        call_command("check_sweeps")
     SweepRun.objects.all().delete()
-    assert "sweep_commands has never run" in client.get("/readyz").json()["checks"]["sweeps"]
+    assert "sweep_commands has never run" in client.get("/healthz/sweeps").json()["sweeps"]
 
 
 def test_the_openapi_schema_names_every_endpoint(client):
