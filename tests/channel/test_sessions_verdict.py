@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from django.utils import timezone
+from websockets.exceptions import ConnectionClosed
 
 from agent_clients import protocol
 from agents_app.models import Agent
@@ -70,3 +71,25 @@ def test_an_oversized_query_is_refused_with_a_reason(control_plane):
     wire.ws.send(protocol.encode("sessions_query", {"session_ids": ids}, id="gc-2"))
     error = wire.expect("error")
     assert "sessions_query" in error["payload"]["reason"] and "session_ids" in error["payload"]["reason"]
+
+
+def test_a_replaced_connection_gets_no_verdict(control_plane, alice):
+    """The fencing check of every answer: a socket that is no longer the agent's current
+    one (another connection attached meanwhile: here its row names another channel, as
+    while the newer socket's attach is in flight) is closed with 4409, no verdict sent."""
+    template = Template.objects.create(slug="desktop", name="Desktop", image="img:1")
+    wire = online_agent(control_plane, "agent-1")
+    agent = Agent.objects.get(agent_id="agent-1")
+    sid = str(
+        Session.objects.create(
+            owner=alice, template=template, agent=agent, state=State.TERMINATED, cpu=1, memory_mb=64
+        ).pk
+    )
+    Agent.objects.filter(pk=agent.pk).update(channel_name="specific.newer-connection")
+    wire.ws.send(protocol.encode("sessions_query", {"session_ids": [sid]}, id="gc-3"))
+    seen = []
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            seen.append(wire.recv(timeout=5)["type"])
+    assert closed.value.rcvd.code == protocol.CLOSE_REPLACED, closed.value
+    assert "sessions_verdict" not in seen
