@@ -648,30 +648,52 @@ class DockerBackend(Backend):
 
     # --- garbage collection -------------------------------------------------------------
 
+    def _own_session(self, labels: dict[str, str] | None) -> str | None:
+        """The session id of an object this agent manages, or None (the engine's label filter
+        did this already; never trust it alone)."""
+        labels = labels or {}
+        if labels.get(LABEL_MANAGED) != "true" or labels.get(LABEL_AGENT) != self.agent_id:
+            return None
+        return labels.get(LABEL_SESSION) or None
+
+    @readable_errors("list the sessions' objects")
+    def session_ids_found(self) -> set[str]:
+        """The session ids of every container, network and volume labelled with this agent's
+        id: what the garbage collector asks the control plane about."""
+        flt = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_AGENT}={self.agent_id}"]}
+        containers = self._call("list containers", self.client.api.containers, all=True, filters=flt)
+        labels = [c.get("Labels") for c in containers]
+        labels += [n.get("Labels") for n in self._call("list networks", self.client.api.networks, filters=flt)]
+        volumes = self._call("list volumes", self.client.api.volumes, filters=flt) or {}
+        labels += [v.get("Labels") for v in volumes.get("Volumes") or []]
+        return {sid for sid in map(self._own_session, labels) if sid}
+
     @readable_errors("collect garbage")
-    def collect_garbage(self, live_session_ids: set[str] | frozenset[str], grace: float) -> list[str]:
-        """Remove this agent's managed containers, networks and volumes whose session is not
-        in ``live_session_ids`` and that are older than ``grace`` seconds (a younger one may
-        belong to a create in flight). Home volumes labelled keep_home (or made before that
-        label existed) stay. Only objects labelled with this agent's id are ever touched.
-        Returns what was removed ("network ss-...-net"), one log line each."""
+    def collect_garbage(
+        self, remove: set[str] | frozenset[str], remove_keep_home: set[str] | frozenset[str], grace: float
+    ) -> list[str]:
+        """Remove this agent's managed objects of the sessions the control plane has finished,
+        once older than ``grace`` seconds (a younger one may belong to a create in flight):
+        container and network of the sessions in ``remove`` and ``remove_keep_home``, the home
+        volume of those in ``remove`` only, and only if labelled keep_home=false (a volume made
+        before that label existed, or of a session that asked to keep its home, stays). Any
+        other session's objects, and objects not labelled with this agent's id, are never
+        touched. Returns what was removed ("network ss-...-net"), one log line each."""
         cutoff = time.time() - grace
         flt = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_AGENT}={self.agent_id}"]}
+        finished = set(remove) | set(remove_keep_home)
         removed: list[str] = []
 
-        def orphan(labels: dict[str, str] | None, created: Any) -> str | None:
-            labels = labels or {}
-            sid = labels.get(LABEL_SESSION, "")
-            if labels.get(LABEL_MANAGED) != "true" or labels.get(LABEL_AGENT) != self.agent_id:
-                return None  # the engine's filter did this already; never trust it alone
-            if not sid or sid in live_session_ids:
+        def garbage(labels: dict[str, str] | None, created: Any) -> str | None:
+            sid = self._own_session(labels)
+            if sid not in finished:
                 return None
             born = _created_at(created)
             if born is None or born > cutoff:
                 return None
             return sid
 
-        def remove(kind: str, name: str, sid: str, fn: Callable[[], Any]) -> None:
+        def drop(kind: str, name: str, sid: str, fn: Callable[[], Any]) -> None:
             try:
                 self._call(f"remove the {kind} {name}", fn)
             except docker.errors.NotFound:
@@ -679,35 +701,35 @@ class DockerBackend(Backend):
             except BackendError as exc:
                 log.warning("garbage collector: could not remove %s %s: %s", kind, name, exc.detail)
                 return
-            log.info("garbage collector: removed %s %s of session %s (not live on the control plane)", kind, name, sid)
+            log.info("garbage collector: removed %s %s of session %s (finished on the control plane)", kind, name, sid)
             removed.append(f"{kind} {name}")
 
         in_use: set[str] = set()  # sessions whose container stays: their network and volume stay too
         for c in self._call("list containers", self.client.api.containers, all=True, filters=flt):
-            sid = orphan(c.get("Labels"), c.get("Created"))
+            sid = garbage(c.get("Labels"), c.get("Created"))
             if sid is None:
                 in_use.add((c.get("Labels") or {}).get(LABEL_SESSION, ""))
                 continue
             name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
             with self._lock:
                 self._expected_stops.add(sid)
-            remove("container", name, sid, lambda c=c: self.client.api.remove_container(c["Id"], force=True))
+            drop("container", name, sid, lambda c=c: self.client.api.remove_container(c["Id"], force=True))
             with self._lock:
                 self._expected_stops.discard(sid)
         for n in self._call("list networks", self.client.api.networks, filters=flt):
-            sid = orphan(n.get("Labels"), n.get("Created"))
+            sid = garbage(n.get("Labels"), n.get("Created"))
             if sid is not None and sid not in in_use:
-                remove("network", n.get("Name", n["Id"]), sid, lambda n=n: self.client.api.remove_network(n["Id"]))
+                drop("network", n.get("Name", n["Id"]), sid, lambda n=n: self.client.api.remove_network(n["Id"]))
         volumes = self._call("list volumes", self.client.api.volumes, filters=flt) or {}
         for v in volumes.get("Volumes") or []:
             labels = v.get("Labels") or {}
-            sid = orphan(labels, v.get("CreatedAt"))
+            sid = garbage(labels, v.get("CreatedAt"))
             if sid is None or sid in in_use:
                 continue
-            if labels.get(LABEL_KEEP_HOME) != "false":
-                log.debug("garbage collector: keeping home volume %s (keep_home or unlabelled)", v.get("Name"))
+            if sid not in remove or labels.get(LABEL_KEEP_HOME) != "false":
+                log.debug("garbage collector: keeping home volume %s of session %s", v.get("Name"), sid)
                 continue
-            remove("volume", v["Name"], sid, lambda v=v: self.client.api.remove_volume(v["Name"]))
+            drop("volume", v["Name"], sid, lambda v=v: self.client.api.remove_volume(v["Name"]))
         return removed
 
     # --- events ------------------------------------------------------------------

@@ -26,6 +26,11 @@ MAX_BINARY_PAYLOAD = 256 * 1024
 # that the other side has not yet granted back with a ``tunnel_credit`` message.
 TUNNEL_WINDOW = 4 * 1024 * 1024
 
+# The garbage collector asks about at most this many session ids per ``sessions_query``
+# (ids are at most 255 characters: 500 of them stay well under MAX_TEXT_FRAME); an agent
+# holding more sends several queries.
+MAX_SESSIONS_QUERY = 500
+
 # WebSocket close codes (4000-4999 are for applications).
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -90,6 +95,11 @@ def _str_list(v: Any) -> bool:
     return isinstance(v, list) and all(_str(x) for x in v)
 
 
+def _session_ids(v: Any) -> bool:
+    """A garbage-collector list of session ids: at most MAX_SESSIONS_QUERY of them."""
+    return _str_list(v) and len(v) <= MAX_SESSIONS_QUERY
+
+
 def _tunnel(v: Any) -> bool:
     return _int(v) and v <= 0xFFFFFFFF
 
@@ -119,9 +129,10 @@ AGENT_MESSAGES: dict[str, dict[str, Any]] = {
     "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str)},
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
-    # The garbage collector asks which of this agent's sessions are live; answered with
-    # ``live_sessions`` carrying this message's envelope id as ``request_id``.
-    "live_sessions_request": {},
+    # The garbage collector names the sessions it found objects of on the platform; the
+    # control plane answers ``sessions_verdict`` with this message's envelope id as
+    # ``request_id``.
+    "sessions_query": {"session_ids": _session_ids},
 }
 
 CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
@@ -138,7 +149,15 @@ CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
     "error": {"reason": lambda v: isinstance(v, str), "ref": _opt_str},
-    "live_sessions": {"request_id": _str, "session_ids": _str_list},
+    # A verdict for each queried session the control plane knows as this agent's: keep all
+    # (live), remove everything (remove), remove all but the home volume (remove_keep_home).
+    # A queried id in none of the lists is unknown to this control plane: left alone.
+    "sessions_verdict": {
+        "request_id": _str,
+        "live": _session_ids,
+        "remove": _session_ids,
+        "remove_keep_home": _session_ids,
+    },
 }
 
 

@@ -61,7 +61,7 @@ PING_INTERVAL = 20.0
 BACKOFF_BASE = 0.5
 STABLE_AFTER = 5.0  # a connection that lasted this long resets the backoff
 AUTH_CLOSE_CODES = (protocol.CLOSE_UNAUTHORIZED, protocol.CLOSE_FORBIDDEN)
-GC_ANSWER_TIMEOUT = 10.0  # seconds the garbage collector waits for the live-session list
+GC_ANSWER_TIMEOUT = 10.0  # seconds the garbage collector waits for each sessions_verdict
 
 T = TypeVar("T")
 CommandKey = tuple[str, int]  # (command id, execution)
@@ -140,8 +140,10 @@ class Agent:
         self._events: collections.deque[SessionStatus] = collections.deque(maxlen=EVENT_QUEUE_LIMIT)
         self._watch_stop = threading.Event()
 
-        # the garbage collector: live_sessions answers awaited, by request id
-        self._live_waiters: dict[str, asyncio.Future] = {}
+        # the garbage collector: sessions_verdict answers awaited, by request id; the ids
+        # already logged as unknown to the control plane (one line each per process)
+        self._verdict_waiters: dict[str, asyncio.Future] = {}
+        self._unknown_logged: set[str] = set()
         self.gc_rounds = 0
 
         # observable counters (tests, logs)
@@ -469,10 +471,10 @@ class Agent:
             tunnels.credit(p["tunnel_id"], p["bytes"])
         elif message.type == "error":
             log.warning("control plane reports an error: %s (ref %s)", p["reason"], p.get("ref"))
-        elif message.type == "live_sessions":
-            waiter = self._live_waiters.get(p["request_id"])
+        elif message.type == "sessions_verdict":
+            waiter = self._verdict_waiters.get(p["request_id"])
             if waiter is not None and not waiter.done():
-                waiter.set_result(p["session_ids"])
+                waiter.set_result(p)
 
     def _spawn(self, coro) -> asyncio.Task:
         async def quiet():
@@ -670,32 +672,55 @@ class Agent:
                 except BackendError as exc:
                     log.warning("garbage collection failed: %s", exc.detail)
                 except (NotConnected, ConnectionClosed, TimeoutError) as exc:
-                    log.warning("garbage collection skipped: no live-session list (%s)", exc.__class__.__name__)
+                    log.warning("garbage collection skipped: no verdict from the control plane (%r)", exc)
                 except Exception:
                     log.exception("garbage collection crashed")
             await asyncio.sleep(self.cfg.gc_interval)
 
     async def collect_garbage(self) -> list[str]:
-        """Ask the control plane which of this agent's sessions are live, then let the
-        backend remove what belongs to none of them (and is older than ``gc_grace``)."""
+        """List the sessions the backend holds objects of, ask the control plane for a verdict
+        on each (``sessions_query``, in chunks of protocol.MAX_SESSIONS_QUERY), then let the
+        backend remove what the control plane has finished (and is older than ``gc_grace``).
+        A session the control plane does not answer for is unknown to it (another install
+        on this host, or another agent's): left alone. So are sessions with a command running
+        here."""
         ws = self._ws
         if ws is None:
             raise NotConnected("not connected")
-        request_id = uuid.uuid4().hex
-        waiter = asyncio.get_running_loop().create_future()
-        self._live_waiters[request_id] = waiter
         asked = time.monotonic()
-        try:
-            await self._send_raw(ws, protocol.encode("live_sessions_request", {}, id=request_id))
-            live = await asyncio.wait_for(waiter, GC_ANSWER_TIMEOUT)
-        finally:
-            self._live_waiters.pop(request_id, None)
-        keep = set(live) | set(self._tails)  # and sessions with a command running here
-        # Objects made after the question was asked are younger than the time since: keep them.
-        grace = self.cfg.gc_grace + (time.monotonic() - asked)
-        removed = await self._in_thread(self.backend.collect_garbage, keep, grace)
+        found = sorted(await self._in_thread(self.backend.session_ids_found))
+        remove: set[str] = set()
+        remove_keep_home: set[str] = set()
+        for start in range(0, len(found), protocol.MAX_SESSIONS_QUERY):
+            chunk = found[start : start + protocol.MAX_SESSIONS_QUERY]
+            verdict = await self._ask_verdicts(ws, chunk)
+            queried = set(chunk)
+            remove |= queried & set(verdict["remove"])
+            remove_keep_home |= queried & set(verdict["remove_keep_home"])
+            known = queried & {*verdict["live"], *verdict["remove"], *verdict["remove_keep_home"]}
+            for sid in sorted(queried - known - self._unknown_logged):
+                self._unknown_logged.add(sid)
+                log.info("garbage collector: session %s is not known to the control plane: left alone", sid)
+        running_here = set(self._tails)  # a command in flight: its objects are in the making or in use
+        remove -= running_here | remove_keep_home
+        remove_keep_home -= running_here
+        removed: list[str] = []
+        if remove or remove_keep_home:
+            # Objects made after the listing began are younger than the time since: keep them.
+            grace = self.cfg.gc_grace + (time.monotonic() - asked)
+            removed = await self._in_thread(self.backend.collect_garbage, remove, remove_keep_home, grace)
         self.gc_rounds += 1
         return removed
+
+    async def _ask_verdicts(self, ws: ClientConnection, session_ids: list[str]) -> dict[str, Any]:
+        request_id = uuid.uuid4().hex
+        waiter = asyncio.get_running_loop().create_future()
+        self._verdict_waiters[request_id] = waiter
+        try:
+            await self._send_raw(ws, protocol.encode("sessions_query", {"session_ids": session_ids}, id=request_id))
+            return await asyncio.wait_for(waiter, GC_ANSWER_TIMEOUT)
+        finally:
+            self._verdict_waiters.pop(request_id, None)
 
     # --- heartbeats and the session cache -------------------------------------------
 

@@ -49,6 +49,14 @@ def _claim_deliverable(agent_pk: int, channel_name: str) -> list[str]:
     return frames
 
 
+def _gc_verdicts(agent_pk: int, channel_name: str, session_ids: list[str]) -> dict[str, list[str]]:
+    """The garbage collector's verdicts for ``session_ids``, for the agent's current socket
+    only (a replaced connection raises Superseded, like every answer it sends)."""
+    with transaction.atomic():
+        services.current_connection(agent_pk=agent_pk, channel_name=channel_name)
+        return session_selectors.session_gc_verdicts(agent_pk=agent_pk, session_ids=session_ids)
+
+
 def _connect(agent_id: str, raw_token: str | None, channel_name: str):
     """Authenticate and attach in one trip: (agent pk, the channel this socket replaces) or None."""
     agent = services.agent_authenticate(agent_id=agent_id, raw_token=raw_token)
@@ -237,9 +245,9 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             agent_pk=self.agent_pk, channel_name=self.channel_name, payload=message.payload
         )
 
-    async def on_live_sessions_request(self, message):
-        ids = await in_db_thread(session_selectors.session_ids_live_on_agent)(agent_pk=self.agent_pk)
-        await self.send(text_data=protocol.encode("live_sessions", {"request_id": message.id, "session_ids": ids}))
+    async def on_sessions_query(self, message):
+        verdicts = await in_db_thread(_gc_verdicts)(self.agent_pk, self.channel_name, message.payload["session_ids"])
+        await self.send(text_data=protocol.encode("sessions_verdict", {"request_id": message.id, **verdicts}))
 
     async def on_tunnel_ready(self, message):
         await self._to_viewer(message.payload["tunnel_id"], {"type": "tunnel.ready"})

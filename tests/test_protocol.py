@@ -37,12 +37,33 @@ def test_a_command_round_trips_on_the_agent_side():
         ('{"type": "hello", "payload": {"agent_id": "a", "platform": "mainframe"}}', "platform"),
         ('{"type": "tunnel_credit", "payload": {"tunnel_id": -1, "bytes": 5}}', "tunnel_id"),
         ('{"type": "session_event", "payload": {"session_id": "s", "state": "on fire"}}', "state"),
+        ('{"type": "sessions_query", "payload": {}}', "session_ids"),
+        ('{"type": "sessions_query", "payload": {"session_ids": [""]}}', "session_ids"),
+        ('{"type": "live_sessions_request", "payload": {}}', "unknown message type"),  # the old question
     ],
 )
 def test_bad_agent_frames_are_refused_with_a_reason(text, reason):
     with pytest.raises(protocol.ProtocolError) as exc:
         protocol.decode_agent_message(text)
     assert reason in exc.value.reason
+
+
+def test_the_garbage_collectors_query_and_verdict_round_trip_within_a_frame():
+    """The largest query, and a verdict on every id in it, fit in one text frame."""
+    ids = ["s" * 255] * protocol.MAX_SESSIONS_QUERY
+    query = protocol.encode("sessions_query", {"session_ids": ids}, id="q1")
+    assert protocol.decode_agent_message(query).payload["session_ids"] == ids
+    verdict = {"request_id": "q1", "live": ids[:100], "remove": ids[100:300], "remove_keep_home": ids[300:]}
+    assert protocol.decode_control_message(protocol.encode("sessions_verdict", verdict)).payload == verdict
+    with pytest.raises(protocol.ProtocolError) as exc:
+        protocol.decode_agent_message(protocol.encode("sessions_query", {"session_ids": [*ids, "one-more"]}))
+    assert "session_ids" in exc.value.reason
+    for missing in ("request_id", "live", "remove", "remove_keep_home"):
+        with pytest.raises(protocol.ProtocolError) as exc:
+            protocol.decode_control_message(
+                protocol.encode("sessions_verdict", {k: v for k, v in verdict.items() if k != missing})
+            )
+        assert missing in exc.value.reason
 
 
 def test_an_oversized_text_frame_is_refused_as_too_large():

@@ -116,12 +116,20 @@ class Backend(abc.ABC):
     def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
         """Host and port a TCP connection reaches the session's VNC server on."""
 
-    def collect_garbage(self, live_session_ids: set[str] | frozenset[str], grace: float) -> list[str]:
-        """Remove what this agent made for sessions that are not in ``live_session_ids`` (the
-        control plane's list of this agent's live sessions) and is older than ``grace``
-        seconds; keep homes whose session asked to keep them. Returns what was removed.
-        Default: nothing (a backend whose platform cleans up after itself, or one that has
-        no garbage collector yet, such as Kubernetes)."""
+    def session_ids_found(self) -> set[str]:
+        """The ids of the sessions this agent has anything of on the platform (the garbage
+        collector asks the control plane about each). Default: none (no garbage collector)."""
+        return set()
+
+    def collect_garbage(
+        self, remove: set[str] | frozenset[str], remove_keep_home: set[str] | frozenset[str], grace: float
+    ) -> list[str]:
+        """Remove what this agent made for the sessions the control plane finished and that is
+        older than ``grace`` seconds: everything of the sessions in ``remove`` (except a home
+        that asked to be kept), everything but the home of those in ``remove_keep_home``.
+        Nothing of any other session is touched. Returns what was removed. Default: nothing
+        (a backend whose platform cleans up after itself, or one that has no garbage
+        collector yet, such as Kubernetes)."""
         return []
 
     def capacity(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class Conn:
     # per tunnel: binary payloads, and tunnel_* control messages from the agent
     tunnel_data: dict[int, asyncio.Queue] = field(default_factory=dict)
     tunnel_msgs: dict[int, asyncio.Queue] = field(default_factory=dict)
-    # the garbage collector's live_sessions_request frames (left unanswered: no collection)
+    # the garbage collector's sessions_query frames (left unanswered: no collection)
     gc_requests: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def data_queue(self, tunnel_id: int) -> asyncio.Queue:
@@ -220,7 +220,7 @@ class FakeControlPlane:
                     conn.log.append(msg)
                     if msg.type.startswith("tunnel_"):
                         conn.msg_queue(msg.payload["tunnel_id"]).put_nowait(msg)
-                    elif msg.type == "live_sessions_request":
+                    elif msg.type == "sessions_query":
                         conn.gc_requests.put_nowait(msg)
                     else:
                         conn.texts.put_nowait(msg)

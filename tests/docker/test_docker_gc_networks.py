@@ -76,17 +76,19 @@ def _leftovers(client, sid: str) -> list[str]:
 # --- the garbage collector ---------------------------------------------------------------
 
 
-def test_gc_removes_old_orphans_of_this_agent_only(docker_client, agent_id):
-    """What an engine cut mid-create leaves (a network and a volume, no container), and an
-    orphan container, are removed once older than the grace period. Kept: live sessions'
-    objects, young objects (a create in flight), another agent's objects, and the home of a
-    session that asked to keep it."""
+def test_gc_removes_only_what_the_control_plane_finished(docker_client, agent_id):
+    """What an engine cut mid-create leaves (a network and a volume, no container) and a
+    finished session's container, once older than the grace period, go when the control
+    plane says remove. Kept: live sessions' objects, young objects (a create in flight),
+    another agent's objects (even under an id said to be removed), the home of a session that
+    asked to keep it, the home of a session said remove_keep_home (failed after it had run),
+    and everything of a session the control plane did not answer for (unknown to it)."""
     me = f"{agent_id}-gc"
     other = f"{agent_id}-gc-other"
     backend = DockerBackend(docker_client, agent_id=me)
     tag = uuid.uuid4().hex[:6]
-    names = ("orph", "orphc", "live", "keep", "frgn", "yng")
-    orphan, orphan_c, live, kept_home, foreign, young = (f"{tag}-{n}" for n in names)
+    names = ("orph", "orphc", "live", "keep", "frgn", "yng", "died", "unkn")
+    orphan, orphan_c, live, kept_home, foreign, young, died, unknown = (f"{tag}-{n}" for n in names)
 
     def make(agent: str, sid: str, *, keep_home: bool = False, container: bool = False) -> None:
         labels = _labels(agent, sid)
@@ -100,6 +102,8 @@ def test_gc_removes_old_orphans_of_this_agent_only(docker_client, agent_id):
         make(me, orphan_c, container=True)
         make(me, live, container=True)
         make(me, kept_home, keep_home=True)
+        make(me, died, container=True)
+        make(me, unknown, container=True)
         make(other, foreign)
         old_made = time.time()
         # The young objects are made well after the old ones: a grace between the two ages
@@ -110,7 +114,9 @@ def test_gc_removes_old_orphans_of_this_agent_only(docker_client, agent_id):
         now = time.time()
         grace = ((now - old_made) + (now - young_started)) / 2
 
-        removed = backend.collect_garbage({live}, grace)
+        assert backend.session_ids_found() == {orphan, orphan_c, live, kept_home, died, unknown, young}
+        remove = {orphan, orphan_c, kept_home, foreign, young}
+        removed = backend.collect_garbage(remove, {died}, grace)
 
         assert sorted(removed) == sorted(
             [
@@ -120,17 +126,22 @@ def test_gc_removes_old_orphans_of_this_agent_only(docker_client, agent_id):
                 f"network {network_name(orphan_c)}",
                 f"volume {volume_name(orphan_c)}",
                 f"network {network_name(kept_home)}",
+                f"container {container_name(died)}",
+                f"network {network_name(died)}",
             ]
         )
         assert _leftovers(docker_client, orphan) == []
         assert _leftovers(docker_client, orphan_c) == []
         assert _leftovers(docker_client, live) == ["containers", "networks", "volumes"]
         assert _leftovers(docker_client, kept_home) == ["volumes"]
+        assert _leftovers(docker_client, died) == ["volumes"]
+        assert _leftovers(docker_client, unknown) == ["containers", "networks", "volumes"]
         assert _leftovers(docker_client, foreign) == ["networks", "volumes"]
         assert _leftovers(docker_client, young) == ["networks", "volumes"]
-        assert backend.collect_garbage({live}, grace) == []  # nothing more to do
+        assert backend.collect_garbage(remove, {died}, grace) == []  # nothing more to do
     finally:
         _remove_all(docker_client, me)
+        _remove_all(docker_client, other)
 
 
 def test_created_home_volume_says_whether_to_keep_it(backend, docker_client, new_session):
