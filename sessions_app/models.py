@@ -44,7 +44,7 @@ class Session(models.Model):
     STATE_CHOICES = [(s, s.capitalize()) for s in State.ALL]
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="desktop_sessions")
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="desktop_sessions")
     template = models.ForeignKey(Template, on_delete=models.PROTECT, related_name="sessions")
     agent = models.ForeignKey(
         "agents_app.Agent", on_delete=models.SET_NULL, null=True, blank=True, related_name="sessions"

@@ -209,3 +209,13 @@ def test_the_command_page_masks_the_vnc_password(admin_client, live_session):
     html = admin_client.get(f"/admin/agents_app/agentcommand/{command.pk}/change/").content.decode()
     assert "vnc_password" in html and "********" in html
     assert live_session.vnc_password not in html
+
+
+def test_a_user_with_sessions_cannot_be_deleted_and_their_audit_trail_stays(admin_client, live_session, alice):
+    """Found by review: deleting a user cascaded to their sessions, commands and VNC
+    connections (the hole of deleting a session, reached another way)."""
+    page = admin_client.post(f"/admin/auth/user/{alice.pk}/delete/", {"post": "yes"}, follow=True)
+    assert "Cannot delete user" in page.content.decode()
+    assert Session.objects.filter(pk=live_session.pk).exists()
+    assert AgentCommand.objects.filter(session=live_session).exists()
+    assert VNCConnection.objects.filter(session=live_session).exists()
