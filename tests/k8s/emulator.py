@@ -57,6 +57,12 @@ class CASEmulator(kmock.KubernetesEmulator):
         self._cas = asyncio.Lock()
         self.conflicts = 0  # how many writes were refused for a stale resourceVersion
         self._faults: list[list[Any]] = []
+        # TEST EXTENSION: every (User-Agent, resource, verb) seen, kept apart from kmock's
+        # request log so that the log may be bounded: kmock checks each new request against
+        # the whole log (quadratic), and a long election test with retries piled up enough
+        # requests to starve the event loop (a CI run hung for minutes in kmock's filters).
+        self.seen_calls: set[tuple[str, str, str]] = set()
+        self.history_limit: int | None = None  # keep only the newest N requests in kmock's log
 
     def fail(self, method: str, plural: str, status: int, *, times: int = 1, message: str = "") -> None:
         """TEST EXTENSION: answer the next ``times`` matching requests with ``status``
@@ -93,6 +99,11 @@ class CASEmulator(kmock.KubernetesEmulator):
         )
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        if request.resource is not None:
+            resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+            self.seen_calls.add((request.headers.get("User-Agent", ""), resource, verb_of(request)))
+        if self.history_limit is not None and len(self._requests) > self.history_limit:
+            del self._requests[: -self.history_limit]
         fault = self._injected(request)
         if fault is not None:
             raise fault
@@ -165,13 +176,7 @@ def verb_of(request: Any) -> str:
 
 def calls(emu: kmock.KubernetesEmulator, *, user_agent: str = k8s_backend.USER_AGENT) -> set[tuple[str, str]]:
     """(resource[/subresource], verb) of every Kubernetes request the agent made."""
-    found = set()
-    for request in list(emu):
-        if request.resource is None or request.headers.get("User-Agent") != user_agent:
-            continue
-        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-        found.add((resource, verb_of(request)))
-    return found
+    return {(resource, verb) for agent, resource, verb in emu.seen_calls if agent == user_agent}
 
 
 # --- a kubelet and Deployment controller stand-in ------------------------------------------
