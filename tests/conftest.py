@@ -15,6 +15,40 @@ def django_db_setup(django_db_setup):
     assert "postgresql" in engine, "run the tests with DATABASE_URL pointing at PostgreSQL (see README)"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flush_retries_a_deadlock_with_the_shared_control_plane():
+    """Emptying the tables after a transactional test is a TRUNCATE of every table. The
+    shared Daphne (``control_plane``) may still be finishing an answer from the test's
+    agent at that moment (it locks the agent row, then writes the session); PostgreSQL
+    then finds a deadlock and aborts one of the two. When it aborts the TRUNCATE the tables
+    stay full and the next test fails on its fixtures (seen in CI: "Database test_test
+    couldn't be flushed", then "duplicate key ... alice"). Retry the flush on a deadlock
+    only; any other flush failure is raised as before."""
+    import time
+
+    from django.core.management.base import CommandError
+    from django.test import TransactionTestCase
+
+    original = TransactionTestCase._fixture_teardown
+
+    def deadlocked(exc: BaseException) -> bool:
+        cause = exc.__cause__
+        return getattr(getattr(cause, "__cause__", None), "sqlstate", None) == "40P01"
+
+    def fixture_teardown(self):
+        for attempt in range(5):
+            try:
+                return original(self)
+            except CommandError as exc:
+                if attempt == 4 or not deadlocked(exc):
+                    raise
+                time.sleep(0.2)
+
+    TransactionTestCase._fixture_teardown = fixture_teardown
+    yield
+    TransactionTestCase._fixture_teardown = original
+
+
 @pytest.fixture(scope="session")
 def control_plane(django_db_setup, django_db_blocker):
     """A real Daphne process on the test database and the Redis channel layer, shared by

@@ -103,6 +103,8 @@ def test_drain_from_the_command_and_the_admin_holds_across_real_heartbeats_until
     status, body = launch(control_plane, alice)
     assert status == 201 and body["agent_id"] == "drain-one", body
     assert Agent.objects.get(agent_id="drain-two").status == Agent.Status.DRAINING
+    wait_for(lambda: Session.objects.get(pk=body["id"]).state == "running", 15,
+             what=f"the session on the undrained agent running\n{one.output()}")  # fmt: skip
 
 
 def test_a_drained_agent_that_reconnects_is_still_draining(control_plane, start_agent, alice, desktop):
