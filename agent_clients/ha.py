@@ -25,6 +25,7 @@ import os
 import time
 from typing import Any
 
+from agent_clients.deadlines import within
 from agent_clients.leadership import Leadership
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class FileLeadership(Leadership):
                 self._drop()
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self.retry_period)
+                await within(self.retry_period, self._lost.wait())
 
     def _drop(self) -> None:
         fd, self._fd = self._fd, None
@@ -179,7 +180,7 @@ class RedisLeadership(Leadership):
         return self._client
 
     async def _bounded(self, coro: Any, timeout: float | None = None) -> Any:
-        return await asyncio.wait_for(coro, timeout or self.call_timeout)
+        return await within(timeout or self.call_timeout, coro)
 
     async def _try_acquire(self) -> bool:
         r = self._redis()

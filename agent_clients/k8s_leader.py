@@ -13,7 +13,7 @@
 * ``release()`` clears the holder so a standby takes over at once.
 
 Blocking client calls run in threads (``asyncio.to_thread``); a hung API call cannot
-keep a leader in office past its deadline (``asyncio.timeout``: see ``_within``).
+keep a leader in office past its deadline (``asyncio.timeout``: see ``agent_clients.deadlines``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
+from agent_clients.deadlines import within
 from agent_clients.leadership import Leadership
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class LeaseLeadership(Leadership):
         while True:
             started = time.monotonic()
             try:
-                won = await _within(self.renew_deadline, asyncio.to_thread(self._try_acquire_or_renew))
+                won = await within(self.renew_deadline, asyncio.to_thread(self._try_acquire_or_renew))
             except Exception as exc:
                 log.warning("lease %s/%s: acquire attempt failed: %s", self.namespace, self.name, exc)
                 won = False
@@ -214,7 +215,7 @@ class LeaseLeadership(Leadership):
                     reason = f"no successful renewal for {self.renew_deadline:g} s"
                     return
                 try:
-                    ok = await _within(deadline - started, asyncio.to_thread(self._try_acquire_or_renew))
+                    ok = await within(deadline - started, asyncio.to_thread(self._try_acquire_or_renew))
                 except TimeoutError:
                     continue  # the deadline has passed: the next round steps down
                 except Exception as exc:  # an API blip: retry until the deadline
@@ -250,15 +251,6 @@ class LeaseLeadership(Leadership):
         if not was_leader:
             return
         try:
-            await _within(self.renew_deadline, asyncio.to_thread(self._clear_holder))
+            await within(self.renew_deadline, asyncio.to_thread(self._clear_holder))
         except Exception as exc:  # the Lease then simply expires
             log.warning("lease %s/%s: release failed, it will expire instead: %s", self.namespace, self.name, exc)
-
-
-async def _within(seconds: float, awaitable):
-    """``await awaitable`` for at most ``seconds`` (TimeoutError after). Not
-    ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that arrives as the
-    inner call finishes, and a cancelled election loop then ran on forever (a test hung
-    until pytest-timeout killed it); ``asyncio.timeout`` does not."""
-    async with asyncio.timeout(seconds):
-        return await awaitable

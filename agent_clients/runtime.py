@@ -47,6 +47,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from agent_clients import protocol
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
 from agent_clients.config import BACKENDS, LEADERSHIPS, AgentConfig, ConfigError, import_dotted, parse_config
+from agent_clients.deadlines import within
 from agent_clients.leadership import Leadership
 from agent_clients.tunnels import TunnelManager
 
@@ -206,9 +207,9 @@ class Agent:
             if watcher is not None:
                 await asyncio.to_thread(watcher.join, 2)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.leadership.release(), 5)
+                await within(5, self.leadership.release())
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.to_thread(self.backend.close), 5)
+                await within(5, asyncio.to_thread(self.backend.close))
             if self.install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(Exception):
@@ -243,7 +244,7 @@ class Agent:
                     await asyncio.sleep(0.1)
         self._stop_connection.set()
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(connection_loop), 10)
+            await within(10, asyncio.shield(connection_loop))
 
     # --- connection ------------------------------------------------------------------
 
@@ -287,7 +288,7 @@ class Agent:
                 del self.reconnect_delays[:500]
             log.info("reconnecting in %.2fs", delay)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop_connection.wait(), delay)
+                await within(delay, self._stop_connection.wait())
 
     async def _until_stopped(self, awaitable) -> bool:
         """Await ``awaitable`` unless the connection loop is told to stop first."""
@@ -405,9 +406,7 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
             await tunnels.close_all()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    ws.close(1000, "agent shutting down" if self.draining else "agent disconnecting"), 6
-                )
+                await within(6, ws.close(1000, "agent shutting down" if self.draining else "agent disconnecting"))
             if self._stop_connection.is_set():
                 log.info("disconnected from the control plane")
 
@@ -718,7 +717,7 @@ class Agent:
         self._verdict_waiters[request_id] = waiter
         try:
             await self._send_raw(ws, protocol.encode("sessions_query", {"session_ids": session_ids}, id=request_id))
-            return await asyncio.wait_for(waiter, GC_ANSWER_TIMEOUT)
+            return await within(GC_ANSWER_TIMEOUT, waiter)
         finally:
             self._verdict_waiters.pop(request_id, None)
 

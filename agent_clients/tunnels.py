@@ -35,6 +35,7 @@ from typing import Any
 
 from agent_clients import protocol
 from agent_clients.backends.base import BackendError
+from agent_clients.deadlines import within
 
 log = logging.getLogger("agent_clients.tunnels")
 
@@ -132,7 +133,7 @@ class Tunnel:
                     if self.written_uncredited:
                         # Idle with a little ungranted: grant it if nothing follows soon.
                         try:
-                            await asyncio.wait_for(self._inbound_ready.wait(), CREDIT_IDLE_DELAY)
+                            await within(CREDIT_IDLE_DELAY, self._inbound_ready.wait())
                         except TimeoutError:
                             await self._grant_written()
                     else:
@@ -181,7 +182,7 @@ class Tunnel:
         if self.writer is not None:
             self.writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.wait_closed(), 2)
+                await within(2, self.writer.wait_closed())
 
 
 class TunnelManager:
@@ -219,7 +220,7 @@ class TunnelManager:
 
     async def _open(self, tunnel: Tunnel) -> None:
         try:
-            reader, writer = await asyncio.wait_for(self.backend.open_vnc_stream(tunnel.session_id), OPEN_TIMEOUT)
+            reader, writer = await within(OPEN_TIMEOUT, self.backend.open_vnc_stream(tunnel.session_id))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
