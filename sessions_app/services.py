@@ -11,6 +11,7 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from agent_clients.protocol import REPORTED_STATES
 from agents_app.commands import command_enqueue
 from agents_app.models import AgentCommand
 from agents_app.selectors import agent_select_for_session
@@ -312,28 +313,20 @@ def session_on_command_failed(*, command: AgentCommand, error: str) -> None:
 # a target state, CLEANUP (a finished session still has something on the engine: a terminate
 # removes it, the session is never resurrected), HIBERNATE_AGAIN (a hibernated session's
 # desktop runs: the hibernation stands), or None (nothing: a command in flight will settle it,
-# or the two agree). Reported states: protocol.REPORTED_STATES plus "missing" (not listed).
+# or the two agree), for each of protocol.REPORTED_STATES ("missing": the agent does not list it).
 CLEANUP = "cleanup"
 HIBERNATE_AGAIN = "hibernate again"
 S = State
+# An answer to the command in flight settles the state: a report changes nothing meanwhile.
+_WAIT_FOR_THE_ANSWER: dict[str, str | None] = dict.fromkeys(REPORTED_STATES)
+# A finished session: anything the agent still holds for it is removed.
+_REMOVE_LEFTOVERS: dict[str, str | None] = {**dict.fromkeys(REPORTED_STATES, CLEANUP), "missing": None}
 _RECONCILE: dict[str, dict[str, str | None]] = {
-    # waiting for the create's answer
-    S.PENDING: {
-        "running": None,
-        "starting": None,
-        "hibernated": None,
-        "stopped": None,
-        "failed": None,
-        "missing": None,
-    },
-    S.STARTING: {
-        "running": None,
-        "starting": None,
-        "hibernated": None,
-        "stopped": None,
-        "failed": None,
-        "missing": None,
-    },
+    S.PENDING: _WAIT_FOR_THE_ANSWER,  # the create's
+    S.STARTING: _WAIT_FOR_THE_ANSWER,
+    S.HIBERNATING: _WAIT_FOR_THE_ANSWER,
+    S.WAKING: _WAIT_FOR_THE_ANSWER,
+    S.TERMINATING: _WAIT_FOR_THE_ANSWER,
     S.RUNNING: {
         "running": None,
         "starting": None,
@@ -341,24 +334,6 @@ _RECONCILE: dict[str, dict[str, str | None]] = {
         "stopped": S.FAILED,
         "failed": S.FAILED,
         "missing": S.FAILED,
-    },
-    # a hibernate / wake / terminate is in flight: its answer settles the state
-    S.HIBERNATING: {
-        "running": None,
-        "starting": None,
-        "hibernated": None,
-        "stopped": None,
-        "failed": None,
-        "missing": None,
-    },
-    S.WAKING: {"running": None, "starting": None, "hibernated": None, "stopped": None, "failed": None, "missing": None},
-    S.TERMINATING: {
-        "running": None,
-        "starting": None,
-        "hibernated": None,
-        "stopped": None,
-        "failed": None,
-        "missing": None,
     },
     S.HIBERNATED: {
         "running": HIBERNATE_AGAIN,
@@ -376,23 +351,8 @@ _RECONCILE: dict[str, dict[str, str | None]] = {
         "failed": S.FAILED,
         "missing": S.FAILED,
     },
-    # finished sessions: anything the agent still holds for them is removed
-    S.FAILED: {
-        "running": CLEANUP,
-        "starting": CLEANUP,
-        "hibernated": CLEANUP,
-        "stopped": CLEANUP,
-        "failed": CLEANUP,
-        "missing": None,
-    },
-    S.TERMINATED: {
-        "running": CLEANUP,
-        "starting": CLEANUP,
-        "hibernated": CLEANUP,
-        "stopped": CLEANUP,
-        "failed": CLEANUP,
-        "missing": None,
-    },
+    S.FAILED: _REMOVE_LEFTOVERS,
+    S.TERMINATED: _REMOVE_LEFTOVERS,
 }
 
 
@@ -411,7 +371,7 @@ def _lost_reason(reported: str, detail: str) -> str:
 
 def session_reconcile(*, session: Session, reported: str, detail: str = "", endpoint: dict | None = None) -> None:
     """Bring a (locked) session in line with what its agent reports holding: see _RECONCILE."""
-    if reported not in _RECONCILE[State.RUNNING]:
+    if reported not in REPORTED_STATES:
         log.warning("session %s: ignoring unknown reported state %r", session.pk, reported)
         return
     action = reconcile_action(session.state, reported)
