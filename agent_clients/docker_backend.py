@@ -403,6 +403,11 @@ class DockerBackend(Backend):
     def _remove_egress(self, sid: str, current: list[str] | None = None) -> bool:
         try:
             return self.firewall.remove(eg.Chains.of(self.agent_id, sid), current)
+        except eg.IptablesMissing as exc:
+            # Without the command no rule can have been installed: nothing to remove (a
+            # terminate must not hang on it).
+            log.warning("session %s: not removing egress rules: %s", sid, exc)
+            return False
         except eg.EgressError as exc:
             raise BackendError(f"could not remove the session's egress rules: {exc}", retryable=True) from None
 

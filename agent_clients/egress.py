@@ -57,6 +57,10 @@ class EgressError(Exception):
     """The policy could not be enforced (iptables missing, refused, ...)."""
 
 
+class IptablesMissing(EgressError):
+    """The iptables command is not installed (so this agent cannot have made any rule)."""
+
+
 @dataclass(frozen=True)
 class AllowRule:
     """One ``egress_allow`` entry: a network (None: every address) and a port (None: all)."""
@@ -254,7 +258,7 @@ class IptablesEgress:
     def _binary(self, name: str) -> str:
         path = shutil.which(name)
         if path is None:
-            raise EgressError(
+            raise IptablesMissing(
                 f"{name} is not installed on the agent's host: the Docker agent enforces each desktop's egress "
                 "policy with iptables (install the iptables package dockerd uses)"
             )

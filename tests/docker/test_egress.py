@@ -115,6 +115,13 @@ def test_hosts():
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_rules_left_behind(docker_client, agent_id):
+    """After the module: no egress chain or jump of this run's agent is left on the host."""
+    yield
+    assert eg.IptablesEgress().sessions(agent_id) == set()
+
+
 @contextlib.contextmanager
 def listening_on(host: str):
     """A listener in this process on ``host`` (a port of its own); yields the port."""
@@ -297,7 +304,7 @@ def test_without_iptables_the_create_fails_and_leaves_nothing(docker_client, mak
     """The agent's host lacks the iptables command (a real condition: the configured
     command does not exist)."""
     b = make_backend(firewall=eg.IptablesEgress(iptables="iptables-not-installed"))
-    spec = new_session()  # cleaned up by the fixture's backend, which has iptables
+    spec = new_session(b=b)
     with pytest.raises(BackendError, match="iptables-not-installed is not installed") as err:
         b.create(spec)
     assert "not started" in err.value.message
