@@ -53,6 +53,8 @@ class AgentConfig:
     docker_network_pool: str = "10.213.0.0/16"  # session networks get their subnets from here
     docker_network_prefix: int = 28  # the size of each session's subnet
     docker_start_timeout: float = 60.0  # seconds a new or woken desktop has to answer on its VNC port
+    egress_proxy: str = ""  # ip:port of the HTTP proxy of templates with egress "proxy"
+    egress_dns: str = ""  # comma-separated resolvers desktops may query (default: the host's resolv.conf)
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -95,6 +97,23 @@ def _ipv4_network(name: str, raw: str) -> str:
         raise ConfigError(f"{name} must be an IPv4 network such as 10.213.0.0/16, got {raw!r} ({exc})") from None
 
 
+def _egress_proxy(name: str, raw: str) -> str:
+    from agent_clients.egress import parse_proxy
+
+    try:
+        host, port = parse_proxy(raw) or ("", 0)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return f"{host}:{port}"
+
+
+def _ipv4_list(name: str, raw: str) -> str:
+    try:
+        return ",".join(str(ipaddress.IPv4Address(x.strip())) for x in raw.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be comma-separated IPv4 addresses, got {raw!r} ({exc})") from None
+
+
 # flag name -> (environment variable, parser or None for strings)
 _SETTINGS = {
     "agent_id": ("AGENT_ID", None),
@@ -119,6 +138,8 @@ _SETTINGS = {
     "docker_network_pool": ("DOCKER_NETWORK_POOL", _ipv4_network),
     "docker_network_prefix": ("DOCKER_NETWORK_PREFIX", _positive_int),
     "docker_start_timeout": ("DOCKER_START_TIMEOUT", _positive_float),
+    "egress_proxy": ("EGRESS_PROXY", _egress_proxy),
+    "egress_dns": ("EGRESS_DNS", _ipv4_list),
 }
 
 

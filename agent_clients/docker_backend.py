@@ -36,6 +36,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
+from agent_clients import egress as eg
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ LABEL_VNC_PORT = "streamspace.vnc_port"  # the container-side VNC port (template
 # On home volumes: "true" if the session asked to keep its home after terminate. The garbage
 # collector removes only volumes labelled "false" (a volume without the label predates it).
 LABEL_KEEP_HOME = "streamspace.keep_home"
+# On containers: the session's egress policy (agent_clients.egress), so that the agent can
+# re-assert its rules after a restart or a wake without asking the control plane.
+LABEL_EGRESS = "streamspace.egress"
+LABEL_EGRESS_ALLOW = "streamspace.egress_allow"  # comma-separated egress_allow entries
 
 DEFAULT_NETWORK_POOL = "10.213.0.0/16"
 DEFAULT_NETWORK_PREFIX = 28
@@ -72,6 +77,20 @@ def network_name(session_id: str) -> str:
 
 def volume_name(session_id: str) -> str:
     return f"ss-{session_id}-home"
+
+
+def bridge_of(network: Any) -> str:
+    """The host interface of a session's bridge network (what its egress rules match)."""
+    options = network.attrs.get("Options") or {}
+    return options.get("com.docker.network.bridge.name") or f"br-{network.id[:12]}"
+
+
+class _EgressRules:
+    """A create's record that it installed the session's egress rules (undone on failure)."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.name = f"egress rules of {session_id}"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -158,6 +177,9 @@ class DockerBackend(Backend):
         stop_timeout: int = 10,
         network_pool: str = DEFAULT_NETWORK_POOL,
         network_prefix: int = DEFAULT_NETWORK_PREFIX,
+        firewall: eg.IptablesEgress | None = None,
+        egress_proxy: str | None = None,
+        egress_dns: list[str] | None = None,
     ) -> None:
         self.client = client
         self.agent_id = agent_id
@@ -173,6 +195,12 @@ class DockerBackend(Backend):
         self._expected_stops: set[str] = set()
         self._lock = threading.Lock()
         self._host_info: dict[str, Any] | None = None
+        # Egress policy: iptables chains per session (agent_clients.egress). DNS is allowed
+        # (mode internet) to the host's resolvers, which dockerd forwards queries to from the
+        # container's namespace.
+        self.firewall = firewall or eg.IptablesEgress()
+        self.egress_proxy = eg.parse_proxy(egress_proxy)
+        self.egress_dns = eg.resolvers() if egress_dns is None else list(egress_dns)
 
     @classmethod
     def from_config(cls, cfg: Any) -> DockerBackend:
@@ -182,14 +210,22 @@ class DockerBackend(Backend):
             client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise BackendError("Docker engine unreachable", retryable=True, detail=str(exc)) from None
-        return cls(
-            client,
-            agent_id=cfg.agent_id,
-            max_sessions=cfg.max_sessions,
-            network_pool=cfg.docker_network_pool,
-            network_prefix=cfg.docker_network_prefix,
-            rfb_timeout=cfg.docker_start_timeout,
-        )
+        dns = getattr(cfg, "egress_dns", "")
+        try:
+            backend = cls(
+                client,
+                agent_id=cfg.agent_id,
+                max_sessions=cfg.max_sessions,
+                network_pool=cfg.docker_network_pool,
+                network_prefix=cfg.docker_network_prefix,
+                rfb_timeout=cfg.docker_start_timeout,
+                egress_proxy=getattr(cfg, "egress_proxy", "") or None,
+                egress_dns=[d.strip() for d in dns.split(",") if d.strip()] if dns else None,
+            )
+        except ValueError as exc:
+            raise BackendError(str(exc), retryable=False) from None
+        backend.reassert_egress()
+        return backend
 
     def close(self) -> None:
         self.client.close()
@@ -324,6 +360,86 @@ class DockerBackend(Backend):
             )
         if not os.path.isabs(spec.home_path):
             raise BackendError(f"home path {spec.home_path!r} is not absolute", retryable=False)
+        self._egress_of(spec.egress, spec.egress_allow)
+
+    def _egress_of(self, mode: str, allow: Any) -> tuple[str, tuple[eg.AllowRule, ...]]:
+        try:
+            rules = (eg.check_mode(mode), eg.parse_allow(list(allow)))
+        except ValueError as exc:
+            raise BackendError(f"invalid egress policy: {exc}", retryable=False) from None
+        if mode == "proxy" and self.egress_proxy is None:
+            raise BackendError(
+                "the template's egress is 'proxy' but this agent has no egress proxy (set EGRESS_PROXY=ip:port)",
+                retryable=False,
+            )
+        return rules
+
+    # --- egress rules ------------------------------------------------------------------
+
+    def _apply_egress(self, sid: str, network: Any, mode: str, allow: Any) -> None:
+        """Install (or re-assert) the session's egress rules; a desktop never runs without."""
+        parsed = self._egress_of(mode, allow)
+        try:
+            self.firewall.apply(
+                eg.Chains.of(self.agent_id, sid),
+                bridge_of(network),
+                *parsed,
+                dns=self.egress_dns,
+                proxy=self.egress_proxy,
+            )
+        except eg.EgressError as exc:
+            raise BackendError(
+                f"could not apply the session's egress policy, so it is not started: {exc}", retryable=False
+            ) from None
+
+    def _apply_egress_of(self, container: Any) -> None:
+        """Re-assert a container's rules from its labels (wake, repeated create, agent start)."""
+        labels = container.labels or {}
+        sid = labels.get(LABEL_SESSION, "")
+        network = self._call("inspect the network", self.client.networks.get, network_name(sid))
+        allow = [e for e in labels.get(LABEL_EGRESS_ALLOW, "").split(",") if e]
+        self._apply_egress(sid, network, labels.get(LABEL_EGRESS, eg.DEFAULT_MODE), allow)
+
+    def _remove_egress(self, sid: str, current: list[str] | None = None) -> bool:
+        try:
+            return self.firewall.remove(eg.Chains.of(self.agent_id, sid), current)
+        except eg.IptablesMissing as exc:
+            # Without the command no rule can have been installed: nothing to remove (a
+            # terminate must not hang on it).
+            log.warning("session %s: not removing egress rules: %s", sid, exc)
+            return False
+        except eg.EgressError as exc:
+            raise BackendError(f"could not remove the session's egress rules: {exc}", retryable=True) from None
+
+    @readable_errors("re-assert the sessions' egress rules")
+    def reassert_egress(self) -> list[str]:
+        """At agent start: re-install the rules of every session container this agent holds
+        (a host reboot or an iptables flush lost them). A running desktop whose rules cannot
+        be applied is stopped (never left running without its policy). Returns the ids."""
+        rows = self._call(
+            "list containers",
+            self.client.api.containers,
+            all=True,
+            filters={"label": [f"{LABEL_AGENT}={self.agent_id}", f"{LABEL_MANAGED}=true"]},
+        )
+        done = []
+        for row in rows:
+            sid = (row.get("Labels") or {}).get(LABEL_SESSION, "")
+            container = self._get_container(sid) if sid else None
+            if container is None or not self._ours(container.labels, sid):
+                continue
+            try:
+                self._apply_egress_of(container)
+                done.append(sid)
+            except (BackendError, docker.errors.NotFound) as exc:
+                log.error("session %s: its egress policy could not be re-applied: %s", sid, exc)
+                if container.status == "running":
+                    with self._lock:
+                        self._expected_stops.add(sid)
+                    log.error("stopping session %s: a desktop never runs without its egress policy", sid)
+                    with contextlib.suppress(docker.errors.DockerException):
+                        container.stop(timeout=self.stop_timeout)
+        return done
 
     # --- Backend interface ---------------------------------------------------------
 
@@ -359,6 +475,7 @@ class DockerBackend(Backend):
                     f"name collision: a container named {container_name(sid)} exists that is not this session's",
                     retryable=False,
                 )
+            self._apply_egress_of(existing)
             if existing.status == "running":
                 return self._wait_ready(existing, self.rfb_timeout)
             return self._start(existing)
@@ -394,6 +511,8 @@ class DockerBackend(Backend):
                 lambda: self._make_network(network_name(sid), labels),
                 made,
             )
+            self._apply_egress(sid, network, spec.egress, spec.egress_allow)
+            made.append(_EgressRules(sid))
             volume = self._own_or_make(
                 "volume",
                 volume_name(sid),
@@ -405,12 +524,19 @@ class DockerBackend(Backend):
                 made,
             )
             env = {**spec.env, "VNC_PASSWORD": spec.vnc_password}
+            if spec.egress == "proxy" and self.egress_proxy:
+                env.update(eg.proxy_env(self.egress_proxy))
             container = self._call(
                 "create the container",
                 self.client.containers.create,
                 spec.image,
                 name=container_name(sid),
-                labels={**labels, LABEL_VNC_PORT: str(spec.vnc_port)},
+                labels={
+                    **labels,
+                    LABEL_VNC_PORT: str(spec.vnc_port),
+                    LABEL_EGRESS: spec.egress,
+                    LABEL_EGRESS_ALLOW: ",".join(spec.egress_allow),
+                },
                 environment=env,
                 nano_cpus=int(spec.cpu * 1e9),
                 mem_limit=f"{spec.memory_mb}m",
@@ -420,6 +546,9 @@ class DockerBackend(Backend):
                 network=network.name,
                 hostname="streamspace",
                 security_opt=["no-new-privileges"],
+                # Session networks are IPv4 only and the egress rules are IPv4 rules: no
+                # IPv6 at all in the desktop (not even link-local to the host's bridge).
+                sysctls={"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"},
                 pids_limit=2048,
                 detach=True,
             )
@@ -509,7 +638,9 @@ class DockerBackend(Backend):
             self._expected_stops.add(sid)
         for obj in reversed(made):
             try:
-                if isinstance(obj, Container):
+                if isinstance(obj, _EgressRules):
+                    self._remove_egress(obj.session_id)
+                elif isinstance(obj, Container):
                     obj.remove(force=True)
                 else:
                     obj.remove()
@@ -534,6 +665,9 @@ class DockerBackend(Backend):
                     self._call("remove the container", container.remove, force=True)
             else:
                 log.warning("not removing %s: it is not this session's container", container.name)
+                container = None
+        if container is not None or self._get_container(session_id) is None:
+            self._remove_egress(session_id)
         self._remove_owned("network", network_name(session_id), session_id, self.client.networks.get)
         if not keep_home:
             self._remove_owned("volume", volume_name(session_id), session_id, self.client.volumes.get)
@@ -575,6 +709,7 @@ class DockerBackend(Backend):
     def wake(self, session_id: str) -> SessionStatus:
         self._check_id(session_id)
         container = self._require(session_id)
+        self._apply_egress_of(container)
         if container.status == "running":
             return self._wait_ready(container, self.rfb_timeout)
         return self._start(container)
@@ -666,7 +801,12 @@ class DockerBackend(Backend):
         labels += [n.get("Labels") for n in self._call("list networks", self.client.api.networks, filters=flt)]
         volumes = self._call("list volumes", self.client.api.volumes, filters=flt) or {}
         labels += [v.get("Labels") for v in volumes.get("Volumes") or []]
-        return {sid for sid in map(self._own_session, labels) if sid}
+        found = {sid for sid in map(self._own_session, labels) if sid}
+        try:
+            return found | self.firewall.sessions(self.agent_id)
+        except eg.EgressError as exc:
+            log.warning("garbage collector: cannot list egress rules: %s", exc)
+            return found
 
     @readable_errors("collect garbage")
     def collect_garbage(
@@ -704,7 +844,7 @@ class DockerBackend(Backend):
             log.info("garbage collector: removed %s %s of session %s (finished on the control plane)", kind, name, sid)
             removed.append(f"{kind} {name}")
 
-        in_use: set[str] = set()  # sessions whose container stays: their network and volume stay too
+        in_use: set[str] = set()  # sessions whose container stays: their rules, network and volume stay too
         for c in self._call("list containers", self.client.api.containers, all=True, filters=flt):
             sid = garbage(c.get("Labels"), c.get("Created"))
             if sid is None:
@@ -716,10 +856,25 @@ class DockerBackend(Backend):
             drop("container", name, sid, lambda c=c: self.client.api.remove_container(c["Id"], force=True))
             with self._lock:
                 self._expected_stops.discard(sid)
+        young: set[str] = set()  # sessions with a network too young to collect: a create may be in flight
         for n in self._call("list networks", self.client.api.networks, filters=flt):
             sid = garbage(n.get("Labels"), n.get("Created"))
             if sid is not None and sid not in in_use:
                 drop("network", n.get("Name", n["Id"]), sid, lambda n=n: self.client.api.remove_network(n["Id"]))
+            elif sid is None:
+                young.add(self._own_session(n.get("Labels")) or "")
+        try:
+            with_rules = self.firewall.sessions(self.agent_id) & finished
+        except eg.EgressError as exc:
+            log.warning("garbage collector: cannot list egress rules: %s", exc)
+            with_rules = set()
+        for sid in sorted(with_rules - in_use - young):
+            try:
+                if self._remove_egress(sid):
+                    log.info("garbage collector: removed egress rules of session %s (finished)", sid)
+                    removed.append(f"egress rules {sid}")
+            except BackendError as exc:
+                log.warning("garbage collector: could not remove egress rules of %s: %s", sid, exc.detail)
         volumes = self._call("list volumes", self.client.api.volumes, filters=flt) or {}
         for v in volumes.get("Volumes") or []:
             labels = v.get("Labels") or {}

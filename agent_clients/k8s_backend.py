@@ -32,6 +32,7 @@ import kubernetes
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
+from agent_clients import egress as eg
 from agent_clients import k8s_manifests as m
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
 from agent_clients.config import env_value
@@ -54,6 +55,9 @@ API_CALLS: frozenset[tuple[str, str]] = frozenset(
         ("persistentvolumeclaims", "create"),
         ("persistentvolumeclaims", "get"),
         ("persistentvolumeclaims", "delete"),
+        ("networkpolicies", "create"),
+        ("networkpolicies", "get"),
+        ("networkpolicies", "delete"),
         ("pods", "list"),
         # One port-forward call. It is a WebSocket upgrade (HTTP GET, verb "get"); API servers
         # with AuthorizePodWebsocketUpgradeCreatePermission (on by default since 1.31) also
@@ -126,10 +130,13 @@ class KubernetesBackend(Backend):
         storage_class: str | None = None,
         watch_interval: float = 5.0,
         max_sessions: int = 0,
+        egress_proxy: str | None = None,
     ) -> None:
         self.api_client = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
+        self.egress_proxy = eg.parse_proxy(egress_proxy)
         self.namespace = namespace
         self.agent_id = agent_id
         self.ready_timeout = ready_timeout
@@ -168,6 +175,7 @@ class KubernetesBackend(Backend):
             home_size=home_size,
             storage_class=env_value("K8S_STORAGE_CLASS") or None,
             max_sessions=getattr(cfg, "max_sessions", 0),
+            egress_proxy=getattr(cfg, "egress_proxy", "") or None,
         )
 
     def close(self) -> None:
@@ -215,6 +223,11 @@ class KubernetesBackend(Backend):
     def _kinds(self) -> dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]]:
         """kind -> (create, read, delete) bound to this namespace."""
         return {
+            "NetworkPolicy": (
+                self.networking.create_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy,
+                self.networking.delete_namespaced_network_policy,
+            ),
             "Secret": (
                 self.core.create_namespaced_secret,
                 self.core.read_namespaced_secret,
@@ -366,7 +379,12 @@ class KubernetesBackend(Backend):
 
     def create(self, spec: SessionSpec) -> SessionStatus:
         objects = m.make_all(
-            spec, self.agent_id, self.namespace, home_size=self.home_size, storage_class=self.storage_class
+            spec,
+            self.agent_id,
+            self.namespace,
+            home_size=self.home_size,
+            storage_class=self.storage_class,
+            egress_proxy=self.egress_proxy,
         )
         session_label = m.label_value(spec.session_id)
         made: list[tuple[str, str]] = []
@@ -392,6 +410,12 @@ class KubernetesBackend(Backend):
         self._delete("Secret", m.secret_name(session_id))
         if not keep_home:
             self._delete("PersistentVolumeClaim", m.pvc_name(session_id))
+        # The egress policy goes last, once the session's pods are gone (a pod still shutting
+        # down keeps its policy), waiting at most ready_timeout.
+        deadline = time.monotonic() + self.ready_timeout
+        while self._pods(self._session_selector(session_id)) and time.monotonic() < deadline:
+            time.sleep(self.poll_interval)
+        self._delete("NetworkPolicy", m.network_policy_name(session_id))
 
     def _scale(self, session_id: str, replicas: int) -> None:
         name = m.deployment_name(session_id)

@@ -18,6 +18,7 @@ import hashlib
 import re
 from typing import Any
 
+from agent_clients import egress as eg
 from agent_clients.backends.base import BackendError, SessionSpec
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -111,6 +112,10 @@ def pvc_name(session_id: str) -> str:
     return base_name(session_id) + "-home"
 
 
+def network_policy_name(session_id: str) -> str:
+    return base_name(session_id) + "-net"
+
+
 def session_selector(session_id: str) -> dict[str, str]:
     """The labels that pick one session's pods (the Deployment's selector)."""
     return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SESSION: label_value(session_id)}
@@ -150,7 +155,9 @@ def memory_quantity(mb: int) -> str:
     return f"{mb}Mi"
 
 
-def validate(spec: SessionSpec, *, home_size: str = DEFAULT_HOME_SIZE) -> None:
+def validate(
+    spec: SessionSpec, *, home_size: str = DEFAULT_HOME_SIZE, egress_proxy: tuple[str, int] | None = None
+) -> None:
     """Raise a non-retryable BackendError naming what is wrong with the spec."""
 
     def bad(message: str) -> BackendError:
@@ -176,6 +183,57 @@ def validate(spec: SessionSpec, *, home_size: str = DEFAULT_HOME_SIZE) -> None:
             raise bad(f"invalid environment variable name {name[:100]!r}")
     if not _QUANTITY_RE.match(home_size):
         raise bad(f"invalid home volume size {home_size!r}")
+    try:
+        eg.check_mode(spec.egress)
+        eg.parse_allow(list(spec.egress_allow))
+    except ValueError as exc:
+        raise bad(f"invalid egress policy: {exc}") from None
+    if spec.egress == "proxy" and egress_proxy is None:
+        raise bad("the template's egress is 'proxy' but this agent has no egress proxy (set EGRESS_PROXY=ip:port)")
+
+
+# DNS: the cluster's resolver (kube-dns / CoreDNS, label k8s-app=kube-dns in kube-system).
+KUBE_DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def _ports(port: int, protocols: tuple[str, ...] = ("TCP", "UDP")) -> list[dict[str, Any]]:
+    return [{"protocol": p, "port": port} for p in protocols]
+
+
+def make_network_policy(
+    spec: SessionSpec, agent_id: str, namespace: str, *, egress_proxy: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """The session pod's egress policy (agent_clients.egress): ``internet`` = 0.0.0.0/0
+    except the private and special ranges, plus DNS to kube-dns; ``none`` = nothing;
+    ``proxy`` = the agent's proxy only; ``egress_allow`` entries on top of any mode.
+    Egress only: ingress (the agent's port-forward goes through the kubelet) is unchanged."""
+    rules: list[dict[str, Any]] = []
+    if spec.egress == "internet":
+        rules.append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(eg.BLOCKED_V4)}}]})
+        rules.append({"to": [KUBE_DNS_PEER], "ports": _ports(53, ("UDP", "TCP"))})
+    elif spec.egress == "proxy" and egress_proxy is not None:
+        proxy_peer = {"ipBlock": {"cidr": f"{egress_proxy[0]}/32"}}
+        rules.append({"to": [proxy_peer], "ports": _ports(egress_proxy[1], ("TCP",))})
+    for entry in eg.parse_allow(list(spec.egress_allow)):
+        rule: dict[str, Any] = {}
+        if entry.network is not None:
+            rule["to"] = [{"ipBlock": {"cidr": entry.network}}]
+        if entry.port is not None:
+            rule["ports"] = _ports(entry.port)
+        rules.append(rule)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(network_policy_name(spec.session_id), spec, agent_id, namespace),
+        "spec": {
+            "podSelector": {"matchLabels": session_selector(spec.session_id)},
+            "policyTypes": ["Egress"],
+            "egress": rules,
+        },
+    }
 
 
 def make_secret(spec: SessionSpec, agent_id: str, namespace: str) -> dict[str, Any]:
@@ -230,13 +288,16 @@ def make_deployment(
     namespace: str,
     *,
     hibernated: bool = False,
+    egress_proxy: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """One pod running the session image: replicas 1, or 0 when hibernated."""
-    validate(spec)
+    validate(spec, egress_proxy=egress_proxy)
     pod_labels = labels(spec, agent_id)
     env: list[dict[str, Any]] = [
         {"name": name, "value": value} for name, value in sorted(spec.env.items()) if name != VNC_PASSWORD_KEY
     ]
+    if spec.egress == "proxy" and egress_proxy is not None:
+        env += [{"name": k, "value": v} for k, v in eg.proxy_env(egress_proxy).items()]
     env.append(
         {
             "name": VNC_PASSWORD_KEY,
@@ -291,12 +352,15 @@ def make_all(
     *,
     home_size: str = DEFAULT_HOME_SIZE,
     storage_class: str | None = None,
+    egress_proxy: tuple[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every object of a session, in creation order (Secret, PVC, Service, Deployment)."""
-    validate(spec, home_size=home_size)
+    """Every object of a session, in creation order (NetworkPolicy first: the pod never runs
+    without it; Secret, PVC, Service, Deployment)."""
+    validate(spec, home_size=home_size, egress_proxy=egress_proxy)
     return [
+        make_network_policy(spec, agent_id, namespace, egress_proxy=egress_proxy),
         make_secret(spec, agent_id, namespace),
         make_pvc(spec, agent_id, namespace, size=home_size, storage_class=storage_class),
         make_service(spec, agent_id, namespace),
-        make_deployment(spec, agent_id, namespace),
+        make_deployment(spec, agent_id, namespace, egress_proxy=egress_proxy),
     ]

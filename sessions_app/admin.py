@@ -9,8 +9,10 @@ from streamspace.errors import ServiceError
 
 @admin.register(Template)
 class TemplateAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "image", "default_cpu", "default_memory_mb", "platform", "region", "enabled"]
-    list_filter = ["enabled", "platform", "region"]
+    list_display = [
+        "slug", "name", "image", "default_cpu", "default_memory_mb", "platform", "region", "egress", "enabled",
+    ]  # fmt: skip
+    list_filter = ["enabled", "platform", "region", "egress"]
     search_fields = ["slug", "name", "image"]
     prepopulated_fields = {"slug": ["name"]}
 

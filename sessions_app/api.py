@@ -13,7 +13,10 @@ from sessions_app.states import State
 class TemplateSerializer(serializers.ModelSerializer):
     class Meta:
         model = Template
-        fields = ["slug", "name", "description", "image", "default_cpu", "default_memory_mb", "platform", "region"]
+        fields = [
+            "slug", "name", "description", "image", "default_cpu", "default_memory_mb", "platform", "region",
+            "egress", "egress_allow",
+        ]  # fmt: skip
 
 
 class SessionSerializer(serializers.ModelSerializer):

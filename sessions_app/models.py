@@ -2,10 +2,20 @@ import uuid
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from agent_clients import egress
 from sessions_app.states import State
+
+
+def validate_egress_allow(value) -> None:
+    """A list of "CIDR", "CIDR:port" or "port" strings (agent_clients.egress.parse_allow)."""
+    try:
+        egress.parse_allow(value)
+    except ValueError as exc:
+        raise ValidationError(f"Invalid egress allow list: {exc}", code="invalid_egress_allow") from None
 
 
 class Template(models.Model):
@@ -21,6 +31,22 @@ class Template(models.Model):
     enabled = models.BooleanField(default=True)
     platform = models.CharField(max_length=20, blank=True, default="", help_text="Only agents of this platform")
     region = models.CharField(max_length=100, blank=True, default="", help_text="Only agents in this region")
+    egress = models.CharField(
+        max_length=10,
+        choices=[
+            ("internet", "Internet (no Docker host, no private or link-local ranges)"),
+            ("none", "None"),
+            ("proxy", "The agent's HTTP proxy only"),
+        ],
+        default=egress.DEFAULT_MODE,
+        help_text="What the desktop may reach on the network",
+    )
+    egress_allow = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[validate_egress_allow],
+        help_text='Also allowed, in any mode: a list of "CIDR", "CIDR:port" or "port" (e.g. ["10.1.2.0/24:443"])',
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -37,6 +63,8 @@ class Template(models.Model):
             "vnc_port": self.vnc_port,
             "env": self.env,
             "volume_mount_path": self.volume_mount_path,
+            "egress": self.egress,
+            "egress_allow": [str(rule) for rule in egress.parse_allow(self.egress_allow)],
         }
 
 

@@ -43,6 +43,8 @@ class SessionSpec:
     keep_home: bool = False
     vnc_password: str = ""
     template: str = ""
+    egress: str = "internet"  # agent_clients.egress.MODES
+    egress_allow: tuple[str, ...] = ()  # extra destinations: "CIDR", "CIDR:port" or "port"
 
     @classmethod
     def from_payload(cls, session_id: str, payload: dict[str, Any]) -> SessionSpec:
@@ -60,6 +62,8 @@ class SessionSpec:
                 keep_home=bool(payload.get("keep_home", False)),
                 vnc_password=str(payload.get("vnc_password", "")),
                 template=str(template.get("slug", "")),
+                egress=str(template.get("egress") or "internet"),
+                egress_allow=tuple(str(e) for e in template.get("egress_allow") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackendError(f"invalid create_session payload: {exc}", retryable=False) from None

@@ -37,6 +37,8 @@ SAMPLES = {
     "docker_network_pool": ("10.99.0.0/16", "10.99.0.0/16"),
     "docker_network_prefix": ("27", 27),
     "docker_start_timeout": ("45", 45.0),
+    "egress_proxy": ("203.0.113.5:3128", "203.0.113.5:3128"),
+    "egress_dns": ("192.0.2.53, 198.51.100.53", "192.0.2.53,198.51.100.53"),
 }
 
 
@@ -103,3 +105,17 @@ def test_a_real_agent_connects_with_its_token_from_agent_token_file(control_plan
                  what=f"the agent online with its token from a file\n{proc.output()}")  # fmt: skip
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize(
+    "env,value,words",
+    [
+        ("EGRESS_PROXY", "proxy.example.com:3128", "EGRESS_PROXY must be an IPv4 address and port"),
+        ("EGRESS_PROXY", "203.0.113.5", "EGRESS_PROXY must be an IPv4 address and port"),
+        ("EGRESS_DNS", "192.0.2.53,resolver", "EGRESS_DNS must be comma-separated IPv4 addresses"),
+    ],
+)
+def test_a_junk_egress_setting_is_refused_by_name(clean_env, env, value, words):
+    clean_env.setenv(env, value)
+    with pytest.raises(ConfigError, match=words):
+        parse_config([])

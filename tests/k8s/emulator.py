@@ -45,6 +45,7 @@ RESOURCES = [
     "v1/persistentvolumeclaims",
     "v1/pods",
     "coordination.k8s.io/v1/leases",
+    "networking.k8s.io/v1/networkpolicies",
 ]
 
 

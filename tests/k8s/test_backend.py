@@ -82,6 +82,7 @@ def names(s):
         "v1/services": m.service_name(s.session_id),
         "v1/secrets": m.secret_name(s.session_id),
         "v1/persistentvolumeclaims": m.pvc_name(s.session_id),
+        "networking.k8s.io/v1/networkpolicies": m.network_policy_name(s.session_id),
     }
 
 
@@ -109,6 +110,8 @@ async def test_create_makes_deployment_service_pvc_secret(emulator, kubelet):
     assert base64.b64decode(secret["data"]["VNC_PASSWORD"]) == b"pw-12345"
     pvc = emulator.objects["v1/persistentvolumeclaims", NS, m.pvc_name(s.session_id)]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    policy = emulator.objects["networking.k8s.io/v1/networkpolicies", NS, m.network_policy_name(s.session_id)]
+    assert policy >= {"spec": m.make_network_policy(s, AGENT, NS)["spec"]}
     assert (await asyncio.to_thread(backend.status, s.session_id)).state == "running"
 
 
@@ -159,7 +162,7 @@ async def test_terminate_removes_everything_and_keeps_home_when_asked(emulator, 
 
     await asyncio.to_thread(backend.terminate, b.session_id, keep_home=True)
     assert live(emulator, "v1/persistentvolumeclaims", m.pvc_name(b.session_id))
-    for plural in ("apps/v1/deployments", "v1/services", "v1/secrets"):
+    for plural in ("apps/v1/deployments", "v1/services", "v1/secrets", "networking.k8s.io/v1/networkpolicies"):
         assert not live(emulator, plural, names(b)[plural])
 
 

@@ -117,7 +117,9 @@ def test_secret_service_pvc():
     for obj in m.make_all(s, "agent-1", "ns"):
         assert obj["metadata"]["labels"]["streamspace.io/agent"] == "agent-1"
         assert obj["metadata"]["annotations"]["streamspace.io/session-id"] == s.session_id
-    assert [o["kind"] for o in m.make_all(s, "a", "ns")] == ["Secret", "PersistentVolumeClaim", "Service", "Deployment"]
+    assert [o["kind"] for o in m.make_all(s, "a", "ns")] == [
+        "NetworkPolicy", "Secret", "PersistentVolumeClaim", "Service", "Deployment",
+    ]  # fmt: skip
 
 
 NASTY = [
@@ -228,3 +230,81 @@ def test_limits_at_the_edges_accepted():
 def test_bad_home_size_rejected():
     with pytest.raises(BackendError, match="home volume size"):
         m.make_all(spec(), "a", "ns", home_size="ten gigs")
+
+
+# --- the egress NetworkPolicy -------------------------------------------------------------
+
+PRIVATE_AND_SPECIAL = [
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+]  # fmt: skip
+KUBE_DNS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def policy(**kw):
+    proxy = kw.pop("proxy", None)
+    s = spec(**kw)
+    obj = m.make_all(s, "a", "ns", egress_proxy=proxy)[0]
+    assert obj["kind"] == "NetworkPolicy" and obj["apiVersion"] == "networking.k8s.io/v1"
+    assert obj["metadata"]["name"] == m.network_policy_name(s.session_id)
+    assert DNS_LABEL.match(obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63
+    # It selects exactly the session's pods (the Deployment's selector) and limits egress only.
+    deployment = m.make_deployment(s, "a", "ns", egress_proxy=proxy)
+    assert obj["spec"]["podSelector"] == deployment["spec"]["selector"]
+    assert obj["spec"]["policyTypes"] == ["Egress"]
+    return obj["spec"]["egress"], deployment
+
+
+def test_internet_policy_is_the_world_but_private_ranges_plus_kube_dns():
+    egress, _ = policy()
+    assert egress == [
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_AND_SPECIAL}}]},
+        {"to": [KUBE_DNS], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+    ]
+
+
+def test_none_policy_allows_nothing():
+    egress, _ = policy(egress="none")
+    assert egress == []  # policyTypes Egress with no rule: every egress is denied
+
+
+def test_proxy_policy_allows_the_proxy_only_and_sets_the_proxy_env():
+    egress, deployment = policy(egress="proxy", proxy=("203.0.113.5", 3128))
+    assert egress == [{"to": [{"ipBlock": {"cidr": "203.0.113.5/32"}}], "ports": [{"protocol": "TCP", "port": 3128}]}]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] == "http://203.0.113.5:3128"
+
+
+def test_proxy_policy_without_a_proxy_is_refused():
+    with pytest.raises(BackendError, match="EGRESS_PROXY"):
+        m.make_all(spec(egress="proxy"), "a", "ns")
+
+
+def test_allow_entries_add_rules_in_any_mode():
+    egress, _ = policy(egress="none", egress_allow=("10.1.2.3", "192.168.7.0/24:443", "8443"))
+    both = [{"protocol": "TCP", "port": 443}, {"protocol": "UDP", "port": 443}]
+    assert egress == [
+        {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]},
+        {"to": [{"ipBlock": {"cidr": "192.168.7.0/24"}}], "ports": both},
+        {"ports": [{"protocol": "TCP", "port": 8443}, {"protocol": "UDP", "port": 8443}]},
+    ]
+
+
+@pytest.mark.parametrize(
+    "field,value,words",
+    [("egress", "sometimes", "egress must be one of"), ("egress_allow", ("example.com:443",), "IPv4 address or CIDR")],
+)
+def test_a_bad_egress_policy_is_refused(field, value, words):
+    with pytest.raises(BackendError, match=words):
+        m.make_all(spec(**{field: value}), "a", "ns")
+
+
+def test_the_policy_loads_strictly_into_the_client_models():
+    from tests.k8s.test_rbac import load
+
+    for kw in ({}, {"egress": "none"}, {"egress": "proxy", "proxy": ("203.0.113.5", 3128)}, {"egress_allow": ("443",)}):
+        proxy = kw.pop("proxy", None)
+        load(m.make_network_policy(spec(**kw), "a", "ns", egress_proxy=proxy))

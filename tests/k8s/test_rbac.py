@@ -34,7 +34,7 @@ BASE = ROOT / "deploy/kubernetes/base"
 OVERLAY = ROOT / "deploy/kubernetes/overlays/single-node"
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 SECRET_ENV = {"SECRET_KEY", "DATABASE_URL", "REDIS_URL", "AGENT_TOKEN"}
-GROUP_OF = {"deployments": "apps", "leases": "coordination.k8s.io"}
+GROUP_OF = {"deployments": "apps", "leases": "coordination.k8s.io", "networkpolicies": "networking.k8s.io"}
 NOT_EMULATED = {("pods/portforward", "get"), ("pods/portforward", "create")}
 
 
