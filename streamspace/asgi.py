@@ -13,11 +13,12 @@ from django.urls import path, re_path  # noqa: E402
 
 from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from streamspace import daphne_close_reason  # noqa: E402
+from streamspace import body_limit, daphne_close_reason  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
 daphne_close_reason.apply()
+body_limit.apply()
 
 
 async def no_such_socket(scope, receive, send):
@@ -38,4 +39,4 @@ websocket_routes = URLRouter(
     ]
 )
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_routes})
+application = ProtocolTypeRouter({"http": body_limit.BodyLimit(django_asgi_app), "websocket": websocket_routes})
