@@ -221,3 +221,23 @@ def test_an_upper_case_session_id_means_the_same_session_on_the_api_and_the_sock
     assert control_plane.request("GET", f"/api/v1/sessions/{unknown}", jwt(alice))[0] == 404
     assert closed_with(viewer(control_plane, unknown, jwt(alice))) == (protocol.CLOSE_NOT_FOUND, "no such session")
     assert_no_traceback(daphne_log())
+
+
+def test_a_long_non_ascii_close_reason_from_the_agent_reaches_the_viewer_cut_to_fit(
+    control_plane, daphne_log, alice, desktop
+):
+    """A close reason has room for 123 bytes of UTF-8: the agent's reason is cut to fit,
+    on a character boundary, instead of failing the viewer's close."""
+    agent = online_agent(control_plane)
+    session = Session.objects.create(
+        owner=alice, template=desktop, agent=Agent.objects.get(agent_id="agent-1"), cpu=1, memory_mb=64,
+        state=State.RUNNING,
+    )  # fmt: skip
+    ws = viewer(control_plane, session.pk, jwt(alice))
+    tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
+    agent.send("tunnel_ready", {"tunnel_id": tunnel})
+    agent.send("tunnel_close", {"tunnel_id": tunnel, "reason": "désolé, " * 40})
+    code, reason = closed_with(ws)
+    assert code == protocol.CLOSE_GOING_AWAY and reason.startswith("désolé, désolé")
+    assert len(reason.encode()) <= 123
+    assert_no_traceback(daphne_log())

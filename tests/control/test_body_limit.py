@@ -4,6 +4,7 @@ runs its own Daphne process, so the memory measured is that request's alone."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import socket
@@ -11,6 +12,7 @@ import socket
 import psutil
 import pytest
 
+from streamspace.body_limit import BodyLimit, detail
 from tests.live import ControlPlane
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -128,3 +130,60 @@ def test_the_limit_is_settable():
         assert status == 413 and "4096" in body["detail"]
     finally:
         cp.stop()
+
+
+def run_asgi(app, headers: list[tuple[bytes, bytes]], chunks) -> tuple[list[dict], int]:
+    """Speak ASGI to ``app`` as a server would, the body pulled from ``chunks`` only as the
+    application asks: (the messages it sent, how many body chunks it pulled)."""
+    chunks = iter(chunks)
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.disconnect"}
+        pulled += 1
+        return {"type": "http.request", "body": chunk[0], "more_body": chunk[1]}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/auth/token", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    return sent, pulled
+
+
+async def echo(scope, receive, send):
+    """An application that reads the whole body and answers its length."""
+    size, more = 0, True
+    while more:
+        message = await receive()
+        size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": str(size).encode()})
+
+
+def streamed(total: int):
+    sizes = [len(b) for b in blocks(total)]
+    return ((BLOCK[:n], i < len(sizes) - 1) for i, n in enumerate(sizes))
+
+
+def test_the_asgi_middleware_refuses_by_content_length_without_reading_the_body():
+    """For servers that stream bodies to the application (uvicorn, hypercorn)."""
+    sent, pulled = run_asgi(BodyLimit(echo, limit=MiB), [(b"content-length", b"%d" % HUNDRED_MB)], streamed(HUNDRED_MB))
+    assert pulled == 0
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"]) == {"error": "too_large", "detail": detail(MiB)}
+
+
+def test_the_asgi_middleware_stops_a_chunked_body_once_past_the_limit():
+    sent, pulled = run_asgi(BodyLimit(echo, limit=MiB), [(b"transfer-encoding", b"chunked")], streamed(HUNDRED_MB))
+    assert pulled == MiB // len(BLOCK) + 1
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"] == "too_large"
+
+
+def test_the_asgi_middleware_passes_bodies_within_the_limit_whole():
+    for headers in ([(b"content-length", b"%d" % MiB)], [(b"transfer-encoding", b"chunked")]):
+        sent, _ = run_asgi(BodyLimit(echo, limit=MiB), headers, streamed(MiB))
+        assert sent[0]["status"] == 200 and sent[1]["body"] == b"%d" % MiB
