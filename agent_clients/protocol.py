@@ -4,11 +4,21 @@ Pure Python, no Django import. Text frames are JSON envelopes
 ``{"type", "id", "ts", "payload"}``; binary frames carry tunnel bytes behind a fixed
 header. Every decode validates the envelope and the payload fields its type needs,
 and raises :class:`ProtocolError` with a reason a human can read.
+
+A decoded frame is safe to store: it is at most MAX_TEXT_FRAME long and MAX_DEPTH deep
+(checked before parsing, without recursion), no string in it holds NUL or a lone
+surrogate (PostgreSQL stores neither), it holds no NaN or Infinity (not JSON), ids are
+short strings without control characters, and the VNC endpoints agents report fit their
+columns. The control plane also requires the session ids agents report to be UUIDs, the
+only ids it makes (``decode_agent_message(text, uuid_session_ids=True)``); agents accept
+any id a control plane gives them (their backends check its shape).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import struct
 import time
 import uuid
@@ -21,6 +31,9 @@ PROTOCOL_VERSION = 1
 # frames, which the agent batches up to MAX_BINARY_PAYLOAD.
 MAX_TEXT_FRAME = 256 * 1024
 MAX_BINARY_PAYLOAD = 256 * 1024
+# Arrays and objects nest at most this deep in a text frame, the envelope included (the
+# deepest legitimate frame, a command carrying a template's settings, is about 5 deep).
+MAX_DEPTH = 32
 
 # Flow control: each side of a tunnel may have at most TUNNEL_WINDOW bytes in flight
 # that the other side has not yet granted back with a ``tunnel_credit`` message.
@@ -40,6 +53,7 @@ CLOSE_TOO_LARGE = 4413
 CLOSE_REPLACED = 4409
 CLOSE_UNAVAILABLE = 4503
 CLOSE_GOING_AWAY = 4001
+CLOSE_INTERNAL_ERROR = 4500  # the peer failed handling a frame: reconnect (and say hello)
 
 COMMAND_TYPES = frozenset(
     {
@@ -58,8 +72,19 @@ REPORTED_STATES = frozenset({"running", "starting", "hibernated", "stopped", "fa
 PLATFORMS = frozenset({"kubernetes", "docker", "vm", "cloud"})
 
 
-def _str(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 255
+class _Invalid(ValueError):
+    """A field check's precise complaint (decode prefixes the message type and field)."""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def valid_id(v: Any) -> bool:
+    """An id (agent, command, session, message): 1-255 characters, no control character."""
+    return isinstance(v, str) and 0 < len(v) <= 255 and not _CONTROL.search(v)
+
+
+_str = valid_id
 
 
 def _opt_str(v: Any) -> bool:
@@ -104,36 +129,117 @@ def _tunnel(v: Any) -> bool:
     return _int(v) and v <= 0xFFFFFFFF
 
 
-# Required payload fields per message type: name -> predicate.
-AGENT_MESSAGES: dict[str, dict[str, Any]] = {
-    "hello": {
-        "agent_id": _str,
-        "platform": lambda v: v in PLATFORMS,
-        "protocol": _int,
-        "version": _str,
-        "region": _opt_str,
-        "capacity": _dict,
-        "sessions": _list,
-    },
-    "heartbeat": {"capacity": _dict, "sessions": _list, "status": lambda v: v in ("online", "draining")},
-    "ack": {"command_id": _str, "execution": _execution},
-    "complete": {"command_id": _str, "execution": _execution, "result": _dict},
-    "failed": {
-        "command_id": _str,
-        "execution": _execution,
-        "error": lambda v: isinstance(v, str),
-        "retryable": _bool,
-    },
-    "session_event": {"session_id": _str, "state": lambda v: v in REPORTED_STATES, "reason": _opt_str},
-    "tunnel_ready": {"tunnel_id": _tunnel},
-    "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str)},
-    "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
-    "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
-    # The garbage collector names the sessions it found objects of on the platform; the
-    # control plane answers ``sessions_verdict`` with this message's envelope id as
-    # ``request_id``.
-    "sessions_query": {"session_ids": _session_ids},
+def _uuid(v: Any) -> bool:
+    """A session id as the control plane makes them: a UUID in canonical lower-case form."""
+    if not isinstance(v, str) or len(v) != 36:
+        return False
+    try:
+        return str(uuid.UUID(v)) == v
+    except ValueError:
+        return False
+
+
+def _check_endpoint(entry: dict) -> None:
+    """The VNC endpoint an agent reports (in a result or a session report) fits its columns."""
+    host, port = entry.get("vnc_host"), entry.get("vnc_port")
+    if host is not None and not (isinstance(host, str) and len(host) <= 255 and not _CONTROL.search(host)):
+        raise _Invalid("vnc_host must be a host name of at most 255 characters")
+    if port is not None and not (_int(port) and port <= 65535):
+        raise _Invalid("vnc_port must be a port number (0-65535)")
+
+
+def _result(v: Any) -> bool:
+    if not _dict(v):
+        return False
+    _check_endpoint(v)
+    return True
+
+
+def _session_reports(session_id):
+    """The sessions an agent says it holds: objects with a session id (``session_id``
+    checks it), a reported state, and optionally a VNC endpoint and a detail text."""
+
+    def check(v: Any) -> bool:
+        if not _list(v):
+            return False
+        for n, entry in enumerate(v):
+            if not _dict(entry):
+                raise _Invalid(f"entry {n} is not an object")
+            if not session_id(entry.get("session_id")):
+                raise _Invalid(f"entry {n}: {_SESSION_ID_RULE[session_id]} (got {str(entry.get('session_id'))[:64]!r})")
+            if entry.get("state") not in REPORTED_STATES:
+                raise _Invalid(f"entry {n}: state must be one of {', '.join(sorted(REPORTED_STATES))}")
+            if not (entry.get("detail") is None or isinstance(entry["detail"], str)):
+                raise _Invalid(f"entry {n}: detail must be a string")
+            try:
+                _check_endpoint(entry)
+            except _Invalid as exc:
+                raise _Invalid(f"entry {n}: {exc}") from None
+        return True
+
+    return check
+
+
+def _session_ref(session_id):
+    def check(v: Any) -> bool:
+        if not session_id(v):
+            raise _Invalid(f"{_SESSION_ID_RULE[session_id]} (got {str(v)[:64]!r})")
+        return True
+
+    return check
+
+
+_SESSION_ID_RULE = {
+    valid_id: "session_id must be an id of 1-255 characters without control characters",
+    _uuid: "session_id must be a UUID in lower-case canonical form (this control plane names sessions so)",
 }
+
+
+def _agent_messages(session_id) -> dict[str, dict[str, Any]]:
+    """Required payload fields per agent message type (name -> predicate); ``session_id``
+    checks the session ids the agent reports (``valid_id``, or ``_uuid`` on the control plane)."""
+    return {
+        "hello": {
+            "agent_id": _str,
+            "platform": lambda v: v in PLATFORMS,
+            "protocol": _int,
+            "version": _str,
+            "region": _opt_str,
+            "capacity": _dict,
+            "sessions": _session_reports(session_id),
+        },
+        "heartbeat": {
+            "capacity": _dict,
+            "sessions": _session_reports(session_id),
+            "status": lambda v: v in ("online", "draining"),
+        },
+        "ack": {"command_id": _str, "execution": _execution},
+        "complete": {"command_id": _str, "execution": _execution, "result": _result},
+        "failed": {
+            "command_id": _str,
+            "execution": _execution,
+            "error": lambda v: isinstance(v, str),
+            "retryable": _bool,
+        },
+        "session_event": {
+            "session_id": _session_ref(session_id),
+            "state": lambda v: v in REPORTED_STATES,
+            "reason": _opt_str,
+        },
+        "tunnel_ready": {"tunnel_id": _tunnel},
+        "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str)},
+        "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
+        "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
+        # The garbage collector names the sessions it found objects of on the platform; the
+        # control plane answers ``sessions_verdict`` with this message's envelope id as
+        # ``request_id``. Any id: what it found may be another install's (no verdict then).
+        "sessions_query": {"session_ids": _session_ids},
+    }
+
+
+AGENT_MESSAGES = _agent_messages(valid_id)
+# The same, as the control plane reads them: every session id an agent reports is a UUID.
+AGENT_MESSAGES_UUID_SESSIONS = _agent_messages(_uuid)
 
 CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
     "command": {
@@ -186,13 +292,59 @@ def encode(type_: str, payload: dict[str, Any], *, id: str | None = None) -> str
     )
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _nesting(text: str) -> int:
+    """How deep arrays and objects nest in ``text`` (0 when it holds too few brackets to pass
+    MAX_DEPTH), without parsing it or recursing; brackets inside strings do not count."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return 0  # too few to nest too deep, however they sit (most frames)
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_strings(type_: str, payload: dict) -> None:
+    """No string in the payload (keys included) holds NUL or a lone surrogate: iteratively,
+    naming where the first offender sits."""
+    stack: list[tuple[str, Any]] = [("payload", payload)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((f"{where}.{key}", key))
+                stack.append((f"{where}.{key}", item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{n}]", item) for n, item in enumerate(value))
+        elif isinstance(value, str) and (bad := _UNSTORABLE.search(value)):
+            what = "a NUL character" if bad.group() == "\x00" else "a lone surrogate (not Unicode text)"
+            raise ProtocolError(f"{type_}: {where[:120]} holds {what}")
+
+
 def decode(text: str | bytes, schema: dict[str, dict[str, Any]]) -> Message:
-    """Parse and validate one text frame against ``schema`` (AGENT_MESSAGES or CONTROL_MESSAGES)."""
+    """Parse and validate one text frame against ``schema`` (AGENT_MESSAGES, its
+    AGENT_MESSAGES_UUID_SESSIONS variant, or CONTROL_MESSAGES)."""
     if len(text) > MAX_TEXT_FRAME:
         raise ProtocolError(f"text frame of {len(text)} bytes exceeds {MAX_TEXT_FRAME}", too_large=True)
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("malformed JSON: not UTF-8") from None
+    if (depth := _nesting(text)) > MAX_DEPTH:
+        raise ProtocolError(f"JSON nested {depth} deep; at most {MAX_DEPTH} levels are allowed")
     try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(text, parse_constant=_not_json)
+    except ValueError as exc:  # JSONDecodeError, and integers of more than 4300 digits
         raise ProtocolError(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("envelope must be a JSON object")
@@ -210,14 +362,21 @@ def decode(text: str | bytes, schema: dict[str, dict[str, Any]]) -> Message:
     ts = data.get("ts")
     if ts is not None and not _num(ts):
         raise ProtocolError(f"{type_}: 'ts' must be a number")
+    _check_strings(type_, payload)
     for name, check in schema[type_].items():
-        if not check(payload.get(name)):
+        try:
+            valid = check(payload.get(name))
+        except _Invalid as exc:
+            raise ProtocolError(f"{type_}: field {name!r}: {exc}") from None
+        if not valid:
             raise ProtocolError(f"{type_}: field {name!r} is missing or invalid")
     return Message(type=type_, payload=payload, id=msg_id or uuid.uuid4().hex, ts=ts or time.time())
 
 
-def decode_agent_message(text: str | bytes) -> Message:
-    return decode(text, AGENT_MESSAGES)
+def decode_agent_message(text: str | bytes, *, uuid_session_ids: bool = False) -> Message:
+    """An agent's frame; ``uuid_session_ids`` (the control plane) also requires every session
+    id it reports as held or changed to be a UUID."""
+    return decode(text, AGENT_MESSAGES_UUID_SESSIONS if uuid_session_ids else AGENT_MESSAGES)
 
 
 def decode_control_message(text: str | bytes) -> Message:

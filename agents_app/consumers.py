@@ -10,6 +10,7 @@ import logging
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import transaction
@@ -92,6 +93,7 @@ class TunnelRoute:
 class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
     agent_pk: int | None = None
     agent_id: str = ""
+    handling = ""  # the agent frame being handled, for the reason of a crash-close
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -101,11 +103,16 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         agent_id = (query.get("agent_id") or [""])[0]
         attached = None
-        if agent_id:
+        if protocol.valid_id(agent_id):
             attached = await in_db_thread(_connect)(agent_id, _bearer(self.scope), self.channel_name)
         await self.accept()
         if attached is None:
-            reason = "agent_id query parameter is required" if not agent_id else "unknown agent or wrong token"
+            if not agent_id:
+                reason = "agent_id query parameter is required"
+            elif not protocol.valid_id(agent_id):
+                reason = "agent_id must be 1-255 characters without control characters"
+            else:
+                reason = "unknown agent or wrong token"
             await self._refuse(protocol.CLOSE_UNAUTHORIZED, reason)
             return
         (self.agent_pk, previous), self.agent_id = attached, agent_id
@@ -141,14 +148,37 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         if self.tunnels.pop(tunnel_id, None):
             await self.send(text_data=protocol.encode("tunnel_close", {"tunnel_id": tunnel_id, "reason": reason}))
 
+    async def dispatch(self, message):
+        """Whatever a handler raises (outages aside: relay.DirectDispatch closes those with
+        4503) closes the socket with 4500 and a reason instead of killing the consumer, so
+        ``disconnect`` still runs and clears the channel name. The agent reconnects; its
+        hello resynchronises everything, whatever state the failure left behind."""
+        try:
+            await super().dispatch(message)
+        except StopConsumer:
+            raise
+        except Exception:
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                raise
+            what = self.handling or kind
+            log.exception("agent %s: handling %s failed", self.agent_id or "(connecting)", what)
+            if not self.accepted:
+                await self.accept()
+            await self._refuse(protocol.CLOSE_INTERNAL_ERROR, f"internal error handling {what[:40]}; reconnect")
+        finally:
+            self.handling = ""
+
     async def disconnect(self, code):
         if self.agent_pk is None:
             return
-        relay.unregister(self)
-        tunnels, self.tunnels = self.tunnels, {}
-        for route in tunnels.values():
-            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": "agent disconnected"})
-        await in_db_thread(services.agent_detach)(agent_pk=self.agent_pk, channel_name=self.channel_name)
+        try:
+            relay.unregister(self)
+            tunnels, self.tunnels = self.tunnels, {}
+            for route in tunnels.values():
+                await self._tell(route.viewer, {"type": "tunnel.closed", "reason": "agent disconnected"})
+        finally:  # a stale channel name would take the agent's commands to nowhere
+            await in_db_thread(services.agent_detach)(agent_pk=self.agent_pk, channel_name=self.channel_name)
         log.info("agent %s disconnected (%s)", self.agent_id, code)
 
     # --- frames from the agent ----------------------------------------------------------
@@ -160,11 +190,12 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             await self._receive_bytes(bytes_data)
             return
         try:
-            message = protocol.decode_agent_message(text_data or "")
+            message = protocol.decode_agent_message(text_data or "", uuid_session_ids=True)
         except protocol.ProtocolError as exc:
             await self._reject(exc)
             return
         handler = getattr(self, f"on_{message.type}")
+        self.handling = message.type
         try:
             await handler(message)
         except services.Superseded as exc:

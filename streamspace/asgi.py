@@ -9,20 +9,34 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.urls import path  # noqa: E402
+from django.urls import path, re_path  # noqa: E402
 
+from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from streamspace import daphne_close_reason  # noqa: E402
+from streamspace import body_limit, daphne_close_reason  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
 daphne_close_reason.apply()
+body_limit.apply()
+
+
+async def no_such_socket(scope, receive, send):
+    """Any other socket path: accepted, then closed with 4404 and a reason (a handshake
+    refused outright reaches the client as a bare HTTP 403; an unrouted one as a 500)."""
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": protocol.CLOSE_NOT_FOUND, "reason": "no such socket path"})
+
 
 websocket_routes = URLRouter(
     [
         path("api/v1/agent/connect", AgentConsumer.as_asgi()),
-        path("api/v1/vnc/<uuid:session_id>", AuthMiddlewareStack(JWTQueryAuthMiddleware(VncConsumer.as_asgi()))),
+        # Any spelling of a session id, as on the REST API: the same selector decides what
+        # it names (an upper-case UUID is that session; no UUID at all: 4404 no such session).
+        path("api/v1/vnc/<str:session_id>", AuthMiddlewareStack(JWTQueryAuthMiddleware(VncConsumer.as_asgi()))),
+        re_path(r"", no_such_socket),
     ]
 )
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_routes})
+application = ProtocolTypeRouter({"http": body_limit.BodyLimit(django_asgi_app), "websocket": websocket_routes})

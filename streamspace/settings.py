@@ -150,6 +150,9 @@ AGENT_HEARTBEAT_INTERVAL = env_seconds("AGENT_HEARTBEAT_INTERVAL", 10)
 AGENT_MISSED_HEARTBEATS = env_int("AGENT_MISSED_HEARTBEATS", 3, minimum=1)
 COMMAND_ACK_TIMEOUT = env_seconds("COMMAND_ACK_TIMEOUT", 15)
 COMMAND_TIMEOUT = env_seconds("COMMAND_TIMEOUT", 300)
+# The largest request body accepted (bytes); larger ones are answered 413 before they are
+# read (streamspace/body_limit.py). The API's requests are a few KiB; the admin's forms too.
+MAX_REQUEST_BODY = env_int("MAX_REQUEST_BODY", 2 * 1024 * 1024, minimum=1024)
 COMMAND_MAX_ATTEMPTS = env_int("COMMAND_MAX_ATTEMPTS", 3, minimum=1)
 # A retryable failure is executed again after base x 2^(n-1) seconds (n: the failed execution), at most cap.
 COMMAND_RETRY_BACKOFF_BASE = env_seconds("COMMAND_RETRY_BACKOFF_BASE", 2)
