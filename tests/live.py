@@ -190,6 +190,18 @@ class ControlPlane(Process):
             return exc.code, (json.loads(raw) if raw else {})
 
 
+def sweeping_celery_worker(**env: str) -> Process:
+    """A started ``celery_worker``, returned once it has swept (beat sweeps at start): a
+    test's own deadlines must not include the worker's start-up, which takes seconds on a
+    loaded machine (a frozen-agent test missed its deadline so)."""
+    from agents_app.models import SweepRun
+
+    worker = celery_worker(**env).start()
+    wait_for(lambda: SweepRun.objects.filter(name="agents_app.tasks.sweep_agents").exists(), 60, 0.1,
+             what=f"the first sweep\n{worker.output()}")  # fmt: skip
+    return worker
+
+
 def celery_worker(**env: str) -> Process:
     """A real Celery worker with an embedded beat scheduler, on the Redis broker."""
     return Process(

@@ -15,7 +15,7 @@ from agents_app.services import agent_register
 from sessions_app.models import Session, Template
 from sessions_app.states import State
 from tests.channel.test_agent_socket import jwt
-from tests.live import agent_process, celery_worker, wait_for
+from tests.live import agent_process, sweeping_celery_worker, wait_for
 from tests.support.file_backend import FileBackend
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -116,7 +116,7 @@ def test_the_agent_comes_back_after_the_control_plane_restarts(control_plane, st
 
 
 def test_a_frozen_agent_goes_offline_and_its_sessions_degrade_then_recover(control_plane, start_agent, alice, desktop):
-    worker = celery_worker().start()
+    worker = sweeping_celery_worker()
     try:
         agent = start_agent(HEARTBEAT_INTERVAL="1")
         session_id = create_session(control_plane, alice)
@@ -148,7 +148,7 @@ def test_a_retryable_failure_is_retried_after_a_backoff_with_a_fresh_execution(
     """The backend fails twice retryably, then creates: three executions, spaced by the backoff
     (COMMAND_RETRY_BACKOFF_BASE is 1 s in tests: 1 s, then 2 s), and the session runs."""
     Template.objects.create(slug="flaky", name="Flaky", image="img:fail-retryable-2")
-    worker = celery_worker().start()  # the sweep pokes the agent when a retry is due
+    worker = sweeping_celery_worker()  # the sweep pokes the agent when a retry is due
     try:
         agent = start_agent()
         status, body = control_plane.request("POST", "/api/v1/sessions", jwt(alice), {"template": "flaky"})

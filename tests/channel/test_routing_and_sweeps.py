@@ -7,7 +7,7 @@ from sessions_app.models import Session, Template
 from sessions_app.states import State
 from tests.channel.test_agent_socket import jwt, online_agent, registered
 from tests.channel.wire import WireAgent
-from tests.live import celery_worker, wait_for
+from tests.live import sweeping_celery_worker, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -30,13 +30,8 @@ def test_an_api_call_on_one_process_reaches_an_agent_on_another(control_plane, c
 
 @pytest.fixture
 def celery(control_plane):
-    """A worker with beat, returned once it has swept (beat sweeps at start): a test's own
-    deadlines must not include the worker's start-up, which is slow on a loaded machine."""
-    from agents_app.models import SweepRun
-
-    worker = celery_worker().start()
-    wait_for(lambda: SweepRun.objects.filter(name="agents_app.tasks.sweep_agents").exists(), 60, 0.1,
-             what=f"the first sweep\n{worker.output()}")  # fmt: skip
+    """A worker with beat, returned once it has swept."""
+    worker = sweeping_celery_worker()
     yield worker
     worker.stop()
 

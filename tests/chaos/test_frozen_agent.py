@@ -19,7 +19,7 @@ from sessions_app.models import Session
 from sessions_app.states import State
 from tests.chaos.support import container_status, disagreements, managed_objects, unfinished_commands
 from tests.e2e.conftest import jwt_for
-from tests.live import celery_worker, wait_for
+from tests.live import sweeping_celery_worker, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.docker]
 
@@ -38,7 +38,7 @@ def test_a_frozen_agents_late_answers_never_take_effect_unnoticed(
     control_plane, docker_stack, docker_client, desktop_template, alice
 ):
     cp = control_plane
-    worker = celery_worker().start()
+    worker = sweeping_celery_worker()
     try:
         stack = docker_stack()
         agent = stack.agent

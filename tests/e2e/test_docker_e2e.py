@@ -19,7 +19,7 @@ from agents_app.models import Agent, AgentCommand
 from sessions_app.models import Session, Template
 from sessions_app.states import State
 from tests.e2e.conftest import jwt_for
-from tests.live import REDIS_URL, celery_worker, wait_for
+from tests.live import REDIS_URL, sweeping_celery_worker, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.docker]
 
@@ -153,7 +153,7 @@ def test_create_hibernate_wake_terminate_on_the_real_engine(
 def test_sessions_survive_a_sigkilled_agent_and_are_reported_running_after_restart(
     control_plane, docker_stack, docker_client, desktop_template, alice
 ):
-    worker = celery_worker().start()  # the sweeps: agent liveness, degraded sessions
+    worker = sweeping_celery_worker()  # the sweeps: agent liveness, degraded sessions
     try:
         stack = docker_stack(MAX_SESSIONS="5")
         cp = control_plane
