@@ -2,10 +2,13 @@ import uuid
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.states import State
+from streamspace.errors import InvalidInput
 
 
 class Template(models.Model):
@@ -29,6 +32,16 @@ class Template(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        errors = {}
+        for name, check in (("default_cpu", validate_cpu), ("default_memory_mb", validate_memory)):
+            try:
+                check(getattr(self, name), field=name)
+            except InvalidInput as exc:
+                errors[name] = exc.message
+        if errors:
+            raise ValidationError(errors)
 
     def as_payload(self) -> dict:
         return {

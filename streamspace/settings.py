@@ -11,7 +11,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from streamspace.env import env_bool, env_int, env_list, env_seconds, env_str
+from streamspace.env import env_bool, env_float, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("STREAMSPACE_VAR_DIR", str(BASE_DIR / "var")))
@@ -165,6 +165,11 @@ QUOTA_DEFAULT_MAX_CPU = float(env_int("QUOTA_DEFAULT_MAX_CPU", 8))
 QUOTA_DEFAULT_MAX_MEMORY_MB = env_int("QUOTA_DEFAULT_MAX_MEMORY_MB", 16384)
 SESSION_MAX_CPU = float(env_int("SESSION_MAX_CPU", 16, minimum=1))
 SESSION_MAX_MEMORY_MB = env_int("SESSION_MAX_MEMORY_MB", 65536, minimum=64)
+# The least a session may ask for: no request rounds to "no limit" (Docker NanoCpus=0,
+# Kubernetes "0m") and the quota is never charged less. The agents check their own
+# SESSION_MIN_CPU / SESSION_MIN_MEMORY_MB again (README, "Configuration").
+SESSION_MIN_CPU = env_float("SESSION_MIN_CPU", 0.1, minimum=0.001, maximum=SESSION_MAX_CPU)
+SESSION_MIN_MEMORY_MB = env_int("SESSION_MIN_MEMORY_MB", 64, minimum=6, maximum=SESSION_MAX_MEMORY_MB)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

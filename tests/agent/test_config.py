@@ -37,6 +37,8 @@ SAMPLES = {
     "docker_network_pool": ("10.99.0.0/16", "10.99.0.0/16"),
     "docker_network_prefix": ("27", 27),
     "docker_start_timeout": ("45", 45.0),
+    "session_min_cpu": ("0.25", 0.25),
+    "session_min_memory_mb": ("128", 128),
 }
 
 
