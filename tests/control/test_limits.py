@@ -157,7 +157,7 @@ def test_the_minimum_cpu_setting_refuses_junk(monkeypatch, raw):
         env_float("SESSION_MIN_CPU", 0.1, minimum=0.001, maximum=1024)
 
 
-def test_the_control_plane_refuses_to_start_with_a_junk_minimum():
+def test_the_control_plane_refuses_to_start_with_a_junk_minimum(tmp_path):
     for env, words in (
         ({"SESSION_MIN_CPU": "nan"}, "SESSION_MIN_CPU"),
         ({"SESSION_MIN_MEMORY_MB": "0"}, "SESSION_MIN_MEMORY_MB"),
@@ -167,7 +167,7 @@ def test_the_control_plane_refuses_to_start_with_a_junk_minimum():
             [sys.executable, "manage.py", "check"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
             env={"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "streamspace.settings",
-                 "STREAMSPACE_VAR_DIR": "/tmp/streamspace-limits-check", **env},
+                 "STREAMSPACE_VAR_DIR": str(tmp_path), **env},
         )  # fmt: skip
         assert done.returncode != 0
         assert words in done.stderr.splitlines()[-1], done.stderr[-500:]
