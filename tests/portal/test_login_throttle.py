@@ -139,6 +139,7 @@ def test_staff_see_the_lock_in_the_admin_and_clear_it(client, alice, admin_clien
     page = admin_client.get("/admin/axes/accessattempt/").content.decode()
     assert "alice" in page and "127.0.0.1" in page
     assert "alice" in admin_client.get("/admin/axes/accessfailurelog/").content.decode()
+    assert all("wrong-password" not in a.post_data for a in AccessAttempt.objects.all())  # passwords are masked
     attempts = list(AccessAttempt.objects.values_list("pk", flat=True))
     admin_client.post(
         "/admin/axes/accessattempt/", {"action": "delete_selected", "_selected_action": attempts, "post": "yes"}
