@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ class AgentConfig:
     docker_start_timeout: float = 60.0  # seconds a new or woken desktop has to answer on its VNC port
     egress_proxy: str = ""  # ip:port of the HTTP proxy of templates with egress "proxy"
     egress_dns: str = ""  # comma-separated resolvers desktops may query (default: the host's resolv.conf)
+    # The least CPU (cores) and memory (MB) a session may have here: checked again by every
+    # backend, whatever the control plane sent, so that no limit rounds to "none".
+    session_min_cpu: float = 0.1
+    session_min_memory_mb: int = 64
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -87,6 +92,23 @@ def _positive_int(name: str, raw: str) -> int:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _cores(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of CPU cores, got {raw!r}") from None
+    if not (math.isfinite(value) and 0.001 <= value <= 1024):
+        raise ConfigError(f"{name} must be between 0.001 and 1024 cores, got {raw!r}")
+    return value
+
+
+def _megabytes(name: str, raw: str) -> int:
+    value = _positive_int(name, raw)
+    if value < 6:  # Docker refuses a memory limit under 6 MB
+        raise ConfigError(f"{name} must be at least 6 (MB), got {raw!r}")
     return value
 
 
@@ -140,6 +162,8 @@ _SETTINGS = {
     "docker_start_timeout": ("DOCKER_START_TIMEOUT", _positive_float),
     "egress_proxy": ("EGRESS_PROXY", _egress_proxy),
     "egress_dns": ("EGRESS_DNS", _ipv4_list),
+    "session_min_cpu": ("SESSION_MIN_CPU", _cores),
+    "session_min_memory_mb": ("SESSION_MIN_MEMORY_MB", _megabytes),
 }
 
 

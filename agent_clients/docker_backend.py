@@ -22,6 +22,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import os
 import re
 import socket
@@ -60,7 +61,10 @@ DEFAULT_NETWORK_PREFIX = 28
 _NETWORK_LOCK = threading.Lock()
 CREATE_RACE_RETRIES = 3  # a create that lost an object to a concurrent removal starts over
 
-MIN_MEMORY_MB = 64
+# The agent's own floor (SESSION_MIN_CPU / SESSION_MIN_MEMORY_MB): below it a limit could
+# round to "none" (NanoCpus=0 means unlimited to the engine) or charge next to nothing.
+DEFAULT_MIN_CPU = 0.1
+DEFAULT_MIN_MEMORY_MB = 64
 # The session id becomes part of Docker object names: keep it to what Docker accepts.
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 # Exit codes of a container we stopped: 0 (our entrypoint traps SIGTERM) or 143 (128+SIGTERM).
@@ -94,6 +98,17 @@ class _EgressRules:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def nano_cpus(cores: float) -> int:
+    """The engine's NanoCpus for a validated limit: rounded, never truncated, never 0
+    (0 means no limit at all)."""
+    return max(1, round(cores * 1e9))
+
+
+def memory_bytes(mb: int) -> int:
+    """The engine's Memory (and MemorySwap: no swap beyond it) for a validated limit."""
+    return max(1, mb) * 1024 * 1024
 
 
 def engine_error(what: str, exc: Exception) -> BackendError:
@@ -180,6 +195,8 @@ class DockerBackend(Backend):
         firewall: eg.IptablesEgress | None = None,
         egress_proxy: str | None = None,
         egress_dns: list[str] | None = None,
+        min_cpu: float = DEFAULT_MIN_CPU,
+        min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
     ) -> None:
         self.client = client
         self.agent_id = agent_id
@@ -188,6 +205,10 @@ class DockerBackend(Backend):
         self.stop_timeout = stop_timeout
         self.network_pool = ipaddress.IPv4Network(network_pool)
         self.network_prefix = int(network_prefix)
+        self.min_cpu = float(min_cpu)
+        self.min_memory_mb = int(min_memory_mb)
+        if not (math.isfinite(self.min_cpu) and self.min_cpu >= 0.001) or self.min_memory_mb < 6:
+            raise ValueError(f"minimum limits {min_cpu!r} cores, {min_memory_mb!r} MB are below 0.001 cores or 6 MB")
         if not self.network_pool.prefixlen <= self.network_prefix <= 30:
             raise ValueError(f"subnet prefix /{network_prefix} does not fit the pool {network_pool} (or exceeds /30)")
         # Sessions this process stopped or removed on purpose: their "die" events are not
@@ -221,6 +242,8 @@ class DockerBackend(Backend):
                 rfb_timeout=cfg.docker_start_timeout,
                 egress_proxy=getattr(cfg, "egress_proxy", "") or None,
                 egress_dns=[d.strip() for d in dns.split(",") if d.strip()] if dns else None,
+                min_cpu=cfg.session_min_cpu,
+                min_memory_mb=cfg.session_min_memory_mb,
             )
         except ValueError as exc:
             raise BackendError(str(exc), retryable=False) from None
@@ -349,13 +372,22 @@ class DockerBackend(Backend):
         if not 0 < spec.vnc_port < 65536:
             raise BackendError(f"invalid VNC port {spec.vnc_port}", retryable=False)
         host = self._host()
-        if not spec.cpu > 0 or (host["cpu"] and spec.cpu > host["cpu"]):
+        cpu_ok = isinstance(spec.cpu, (int, float)) and not isinstance(spec.cpu, bool) and math.isfinite(spec.cpu)
+        if not cpu_ok or spec.cpu < self.min_cpu or (host["cpu"] and spec.cpu > host["cpu"]):
             raise BackendError(
-                f"CPU limit {spec.cpu} is outside 0 < cpu <= {host['cpu']} (this host's cores)", retryable=False
+                f"CPU limit {spec.cpu!r} is outside {self.min_cpu:g}..{host['cpu']} cores "
+                "(this agent's minimum and this host's cores)",
+                retryable=False,
             )
-        if spec.memory_mb < MIN_MEMORY_MB or (host["memory_mb"] and spec.memory_mb > host["memory_mb"]):
+        memory_ok = isinstance(spec.memory_mb, int) and not isinstance(spec.memory_mb, bool)
+        if (
+            not memory_ok
+            or spec.memory_mb < self.min_memory_mb
+            or (host["memory_mb"] and spec.memory_mb > host["memory_mb"])
+        ):
             raise BackendError(
-                f"memory limit {spec.memory_mb} MB is outside {MIN_MEMORY_MB}..{host['memory_mb']} MB",
+                f"memory limit {spec.memory_mb!r} MB is outside {self.min_memory_mb}..{host['memory_mb']} MB "
+                "(this agent's minimum and this host's memory)",
                 retryable=False,
             )
         if not os.path.isabs(spec.home_path):
@@ -538,9 +570,9 @@ class DockerBackend(Backend):
                     LABEL_EGRESS_ALLOW: ",".join(spec.egress_allow),
                 },
                 environment=env,
-                nano_cpus=int(spec.cpu * 1e9),
-                mem_limit=f"{spec.memory_mb}m",
-                memswap_limit=f"{spec.memory_mb}m",
+                nano_cpus=nano_cpus(spec.cpu),
+                mem_limit=memory_bytes(spec.memory_mb),
+                memswap_limit=memory_bytes(spec.memory_mb),
                 ports={f"{spec.vnc_port}/tcp": ("127.0.0.1", None)},
                 volumes={volume.name: {"bind": spec.home_path, "mode": "rw"}},
                 network=network.name,

@@ -131,6 +131,8 @@ class KubernetesBackend(Backend):
         watch_interval: float = 5.0,
         max_sessions: int = 0,
         egress_proxy: str | None = None,
+        min_cpu: float = m.DEFAULT_MIN_CPU,
+        min_memory_mb: int = m.DEFAULT_MIN_MEMORY_MB,
     ) -> None:
         self.api_client = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
@@ -149,6 +151,8 @@ class KubernetesBackend(Backend):
         self.storage_class = storage_class
         self.watch_interval = watch_interval
         self.max_sessions = max_sessions
+        self.min_cpu = min_cpu
+        self.min_memory_mb = min_memory_mb
 
     # --- construction -----------------------------------------------------------------
 
@@ -176,6 +180,8 @@ class KubernetesBackend(Backend):
             storage_class=env_value("K8S_STORAGE_CLASS") or None,
             max_sessions=getattr(cfg, "max_sessions", 0),
             egress_proxy=getattr(cfg, "egress_proxy", "") or None,
+            min_cpu=getattr(cfg, "session_min_cpu", m.DEFAULT_MIN_CPU),
+            min_memory_mb=getattr(cfg, "session_min_memory_mb", m.DEFAULT_MIN_MEMORY_MB),
         )
 
     def close(self) -> None:
@@ -385,6 +391,8 @@ class KubernetesBackend(Backend):
             home_size=self.home_size,
             storage_class=self.storage_class,
             egress_proxy=self.egress_proxy,
+            min_cpu=self.min_cpu,
+            min_memory_mb=self.min_memory_mb,
         )
         session_label = m.label_value(spec.session_id)
         made: list[tuple[str, str]] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -35,8 +36,10 @@ CONTAINER_NAME = "desktop"
 HOME_VOLUME = "home"
 DEFAULT_HOME_SIZE = "10Gi"
 
-MIN_CPU, MAX_CPU = 0.0, 64.0  # cores; cpu must be > MIN_CPU
-MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 256 * 1024
+# The agent's own floor by default (SESSION_MIN_CPU / SESSION_MIN_MEMORY_MB): below it a
+# quantity could round to "0" (no request, no limit) or charge next to nothing.
+DEFAULT_MIN_CPU, MAX_CPU = 0.1, 64.0  # cores
+DEFAULT_MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 256 * 1024
 
 _NAME_PREFIX = "ss-"
 _LONGEST_SUFFIX = "-home"  # names are <base>, <base>-vnc, <base>-home
@@ -148,15 +151,21 @@ def _metadata(name: str, spec: SessionSpec, agent_id: str, namespace: str) -> di
 
 
 def cpu_quantity(cores: float) -> str:
-    return f"{round(cores * 1000)}m"
+    """Millicores, rounded, never "0m" (validate refuses less than 0.001 cores anyway)."""
+    return f"{max(1, round(cores * 1000))}m"
 
 
 def memory_quantity(mb: int) -> str:
-    return f"{mb}Mi"
+    return f"{max(1, mb)}Mi"
 
 
 def validate(
-    spec: SessionSpec, *, home_size: str = DEFAULT_HOME_SIZE, egress_proxy: tuple[str, int] | None = None
+    spec: SessionSpec,
+    *,
+    home_size: str = DEFAULT_HOME_SIZE,
+    egress_proxy: tuple[str, int] | None = None,
+    min_cpu: float = DEFAULT_MIN_CPU,
+    min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
 ) -> None:
     """Raise a non-retryable BackendError naming what is wrong with the spec."""
 
@@ -168,12 +177,13 @@ def validate(
     image = spec.image.strip()
     if not image or len(image) > 512 or not _IMAGE_RE.match(image):
         raise bad(f"invalid image reference {spec.image[:200]!r}: expected [registry/]name[:tag][@sha256:digest]")
-    if not (isinstance(spec.cpu, (int, float)) and MIN_CPU < spec.cpu <= MAX_CPU):
-        raise bad(f"cpu must be more than {MIN_CPU:g} and at most {MAX_CPU:g} cores, got {spec.cpu!r}")
-    if round(spec.cpu * 1000) < 1:
-        raise bad(f"cpu must be at least 0.001 cores, got {spec.cpu!r}")
-    if not (isinstance(spec.memory_mb, int) and MIN_MEMORY_MB <= spec.memory_mb <= MAX_MEMORY_MB):
-        raise bad(f"memory must be between {MIN_MEMORY_MB} MiB and {MAX_MEMORY_MB} MiB, got {spec.memory_mb!r}")
+    min_cpu = max(min_cpu, 0.001)  # one millicore: the smallest quantity that is not "0"
+    number = isinstance(spec.cpu, (int, float)) and not isinstance(spec.cpu, bool)
+    if not (number and math.isfinite(spec.cpu) and min_cpu <= spec.cpu <= MAX_CPU):
+        raise bad(f"cpu must be at least {min_cpu:g} and at most {MAX_CPU:g} cores, got {spec.cpu!r}")
+    whole = isinstance(spec.memory_mb, int) and not isinstance(spec.memory_mb, bool)
+    if not (whole and max(min_memory_mb, 1) <= spec.memory_mb <= MAX_MEMORY_MB):
+        raise bad(f"memory must be between {min_memory_mb} MiB and {MAX_MEMORY_MB} MiB, got {spec.memory_mb!r}")
     if not (isinstance(spec.vnc_port, int) and 1 <= spec.vnc_port <= 65535):
         raise bad(f"VNC port must be between 1 and 65535, got {spec.vnc_port!r}")
     if not spec.home_path.startswith("/") or spec.home_path == "/" or ":" in spec.home_path:
@@ -289,9 +299,11 @@ def make_deployment(
     *,
     hibernated: bool = False,
     egress_proxy: tuple[str, int] | None = None,
+    min_cpu: float = DEFAULT_MIN_CPU,
+    min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
 ) -> dict[str, Any]:
     """One pod running the session image: replicas 1, or 0 when hibernated."""
-    validate(spec, egress_proxy=egress_proxy)
+    validate(spec, egress_proxy=egress_proxy, min_cpu=min_cpu, min_memory_mb=min_memory_mb)
     pod_labels = labels(spec, agent_id)
     env: list[dict[str, Any]] = [
         {"name": name, "value": value} for name, value in sorted(spec.env.items()) if name != VNC_PASSWORD_KEY
@@ -353,14 +365,18 @@ def make_all(
     home_size: str = DEFAULT_HOME_SIZE,
     storage_class: str | None = None,
     egress_proxy: tuple[str, int] | None = None,
+    min_cpu: float = DEFAULT_MIN_CPU,
+    min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
 ) -> list[dict[str, Any]]:
     """Every object of a session, in creation order (NetworkPolicy first: the pod never runs
     without it; Secret, PVC, Service, Deployment)."""
-    validate(spec, home_size=home_size, egress_proxy=egress_proxy)
+    validate(spec, home_size=home_size, egress_proxy=egress_proxy, min_cpu=min_cpu, min_memory_mb=min_memory_mb)
     return [
         make_network_policy(spec, agent_id, namespace, egress_proxy=egress_proxy),
         make_secret(spec, agent_id, namespace),
         make_pvc(spec, agent_id, namespace, size=home_size, storage_class=storage_class),
         make_service(spec, agent_id, namespace),
-        make_deployment(spec, agent_id, namespace, egress_proxy=egress_proxy),
+        make_deployment(
+            spec, agent_id, namespace, egress_proxy=egress_proxy, min_cpu=min_cpu, min_memory_mb=min_memory_mb
+        ),
     ]

@@ -7,7 +7,9 @@ from django.db import models
 from django.db.models import Q
 
 from agent_clients import egress
+from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.states import State
+from streamspace.errors import InvalidInput
 
 
 def validate_egress_allow(value) -> None:
@@ -55,6 +57,16 @@ class Template(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        errors = {}
+        for name, check in (("default_cpu", validate_cpu), ("default_memory_mb", validate_memory)):
+            try:
+                check(getattr(self, name), field=name)
+            except InvalidInput as exc:
+                errors[name] = exc.message
+        if errors:
+            raise ValidationError(errors)
 
     def as_payload(self) -> dict:
         return {

@@ -8,13 +8,15 @@ import secrets
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import Sum
+from django.db.models import Sum, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from agent_clients.protocol import REPORTED_STATES
 from agents_app.commands import command_enqueue
 from agents_app.models import AgentCommand
 from agents_app.selectors import agent_select_for_session
+from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.models import Quota, Session, Template
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
 from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
@@ -23,28 +25,9 @@ log = logging.getLogger(__name__)
 
 MAX_TAGS = 20
 MAX_TAG_LENGTH = 64
-MIN_MEMORY_MB = 64
 
 
 # --- validation -------------------------------------------------------------------------
-
-
-def validate_cpu(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput("cpu must be a number of cores", field="cpu")
-    if not 0 < value <= settings.SESSION_MAX_CPU:
-        raise InvalidInput(f"cpu must be above 0 and at most {settings.SESSION_MAX_CPU:g}", field="cpu")
-    return float(value)
-
-
-def validate_memory(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput("memory_mb must be a whole number of megabytes", field="memory_mb")
-    if not MIN_MEMORY_MB <= value <= settings.SESSION_MAX_MEMORY_MB:
-        raise InvalidInput(
-            f"memory_mb must be between {MIN_MEMORY_MB} and {settings.SESSION_MAX_MEMORY_MB}", field="memory_mb"
-        )
-    return value
 
 
 def validate_tags(value) -> list[str]:
@@ -97,7 +80,11 @@ def quota_check(*, user, add_sessions: int, add_cpu: float, add_memory_mb: int, 
         used = (
             sessions.filter(state__in=CONSUMING_STATES)
             .distinct()
-            .aggregate(cpu=Sum("cpu", default=0.0), memory=Sum("memory_mb", default=0))
+            .aggregate(
+                # A session stored before the minimum existed is charged the minimum, not less.
+                cpu=Sum(Greatest("cpu", Value(settings.SESSION_MIN_CPU)), default=0.0),
+                memory=Sum(Greatest("memory_mb", Value(settings.SESSION_MIN_MEMORY_MB)), default=0),
+            )
         )
         if live + add_sessions > max_sessions:
             raise QuotaExceeded(f"{label} quota allows {max_sessions} live sessions and {live} exist")

@@ -3,6 +3,7 @@ a message naming the variable; ``NAME_FILE`` (a path) may stand in for any ``NAM
 
 from __future__ import annotations
 
+import math
 import os
 
 from django.core.exceptions import ImproperlyConfigured
@@ -49,6 +50,20 @@ def env_int(name: str, default: int, *, minimum: int = 0, maximum: int | None = 
         raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from None
     if number < minimum or (maximum is not None and number > maximum):
         raise ImproperlyConfigured(f"{name} must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def env_float(name: str, default: float, *, minimum: float, maximum: float) -> float:
+    """A finite number between minimum and maximum (NaN, inf and junk are refused)."""
+    value = _raw(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or not minimum <= number <= maximum:
+        raise ImproperlyConfigured(f"{name} must be between {minimum:g} and {maximum:g}, got {value!r}")
     return number
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from streamspace.env import env_bool, env_int, env_list, env_seconds, env_str
+from streamspace.env import env_bool, env_float, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("STREAMSPACE_VAR_DIR", str(BASE_DIR / "var")))
@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "agents_app",
     "sessions_app",
     "vnc_app",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -54,6 +55,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: turns a login refused by the lockout into the 429 page (streamspace/login_throttle.py).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "streamspace.urls"
@@ -168,11 +171,37 @@ QUOTA_DEFAULT_MAX_CPU = float(env_int("QUOTA_DEFAULT_MAX_CPU", 8))
 QUOTA_DEFAULT_MAX_MEMORY_MB = env_int("QUOTA_DEFAULT_MAX_MEMORY_MB", 16384)
 SESSION_MAX_CPU = float(env_int("SESSION_MAX_CPU", 16, minimum=1))
 SESSION_MAX_MEMORY_MB = env_int("SESSION_MAX_MEMORY_MB", 65536, minimum=64)
+# The least a session may ask for: no request rounds to "no limit" (Docker NanoCpus=0,
+# Kubernetes "0m") and the quota is never charged less. The agents check their own
+# SESSION_MIN_CPU / SESSION_MIN_MEMORY_MB again (README, "Configuration").
+SESSION_MIN_CPU = env_float("SESSION_MIN_CPU", 0.1, minimum=0.001, maximum=SESSION_MAX_CPU)
+SESSION_MIN_MEMORY_MB = env_int("SESSION_MIN_MEMORY_MB", 64, minimum=6, maximum=SESSION_MAX_MEMORY_MB)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+# Login throttling (django-axes) on the portal, the admin and POST /api/v1/auth/token:
+# LOGIN_FAILURE_LIMIT failures for one user name, or from one address, within LOGIN_COOLOFF
+# lock that user name or address until LOGIN_COOLOFF after its last failure (a correct
+# password is refused too; tries during the lock do not extend it). Staff clear locks in the
+# admin (Axes > Access attempts) or with manage.py axes_reset_username / axes_reset_ip.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses locked-out logins before any password check
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_seconds("LOGIN_COOLOFF", 300, minimum=1))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # either one: per user name OR per address
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_ENABLE_ACCESS_FAILURE_LOG = True  # every failure, kept for the admin (Axes > Access failures)
+AXES_LOCKOUT_CALLABLE = "streamspace.login_throttle.lockout_response"
+AXES_CLIENT_IP_CALLABLE = "streamspace.login_throttle.client_ip"
+# 0: the address is the TCP peer's (X-Forwarded-For is ignored: any client can write it).
+# Behind N reverse proxies that each append to X-Forwarded-For, set N: the address the
+# outermost proxy saw is used.
+LOGIN_TRUSTED_PROXY_COUNT = env_int("LOGIN_TRUSTED_PROXY_COUNT", 0, minimum=0, maximum=10)
+
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

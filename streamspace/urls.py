@@ -1,14 +1,15 @@
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
+from rest_framework_simplejwt.views import TokenRefreshView
 
 from agents_app import api as agents_api
 from sessions_app import api as sessions_api
 from streamspace import health
+from streamspace.login_throttle import TokenObtainView
 
 api_v1 = [
-    path("auth/token", TokenObtainPairView.as_view(), name="token"),
+    path("auth/token", TokenObtainView.as_view(), name="token"),
     path("auth/token/refresh", TokenRefreshView.as_view(), name="token-refresh"),
     path("templates", sessions_api.TemplateListView.as_view(), name="templates"),
     path("sessions", sessions_api.SessionListCreateView.as_view(), name="sessions"),
