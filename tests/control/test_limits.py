@@ -120,7 +120,7 @@ def test_the_template_admin_refuses_defaults_below_the_minimum(admin_client):
     form = {
         "slug": "tiny", "name": "Tiny", "description": "", "image": "img:1", "vnc_port": "5901",
         "default_cpu": "1e-10", "default_memory_mb": "1024", "env": "{}", "volume_mount_path": "/home/user",
-        "enabled": "on", "platform": "", "region": "",
+        "enabled": "on", "platform": "", "region": "", "egress": "internet", "egress_allow": "[]",
     }  # fmt: skip
     response = admin_client.post("/admin/sessions_app/template/add/", form)
     assert response.status_code == 200
