@@ -12,11 +12,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from streamspace import daphne_close_reason  # noqa: E402
+from streamspace import daphne_close_reason, log_redaction  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
 daphne_close_reason.apply()
+log_redaction.apply_to_daphne_access_log()  # no ?token= value in Daphne's access log
 
 websocket_routes = URLRouter(
     [

@@ -262,10 +262,18 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "filters": {"one_line": {"()": "streamspace.logs.ExceptionAsOneLine"}},
+    "filters": {
+        "one_line": {"()": "streamspace.logs.ExceptionAsOneLine"},
+        # ?token=... in a logged URL: its value is never written (streamspace/log_redaction.py).
+        "redact_tokens": {"()": "streamspace.log_redaction.RedactQueryTokens"},
+    },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-        "console_one_line": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["one_line"]},
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact_tokens"]},
+        "console_one_line": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["one_line", "redact_tokens"],
+        },
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
