@@ -218,6 +218,9 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # No validator badge: an image from validator.swagger.io (refused by the CSP's img-src)
+    # that would hand the schema's URL to a third party.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
 
 # Security headers. Every page (portal, viewer, admin, API docs) runs only our own static
