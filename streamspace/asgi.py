@@ -13,12 +13,13 @@ from django.urls import path, re_path  # noqa: E402
 
 from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from streamspace import body_limit, daphne_close_reason  # noqa: E402
+from streamspace import body_limit, daphne_close_reason, log_redaction  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
 daphne_close_reason.apply()
 body_limit.apply()
+log_redaction.apply_to_daphne_access_log()  # no ?token= value in Daphne's access log
 
 
 async def no_such_socket(scope, receive, send):

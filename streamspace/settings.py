@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "csp",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -45,9 +46,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Outermost: a database outage anywhere below answers 503 (JSON for the API), never a 500 page.
+    # Headers on every response, the 503 page of an outage too (neither touches the
+    # database; see "Security headers" below).
+    "csp.middleware.CSPMiddleware",
+    "django.middleware.security.SecurityMiddleware",  # nosniff, Referrer-Policy, HSTS: the 503 page's too
+    # A database outage anywhere below answers 503 (JSON for the API), never a 500 page.
     "streamspace.database_outage.DatabaseOutageMiddleware",
-    "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -246,7 +250,36 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # No validator badge: an image from validator.swagger.io (refused by the CSP's img-src)
+    # that would hand the schema's URL to a third party.
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
+
+# Security headers. Every page (portal, viewer, admin, API docs) runs only our own static
+# scripts: no inline script, no eval, no inline <style> (the Swagger UI page is
+# SpectacularSwaggerSplitView, its start-up script served as a static-like URL, with our
+# own template for its styles). The viewer's socket is same-origin (connect-src 'self'
+# covers ws:/wss: to our own host), noVNC draws through blob:/data: images. Kept by
+# tests/portal/test_headers.py (each page's header) and tests/browser/test_csp.py (no
+# violation in Chromium).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'none'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "blob:", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "manifest-src": ["'self'"],
+        "form-action": ["'self'"],
+        "base-uri": ["'none'"],
+        "object-src": ["'none'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
+SECURE_CONTENT_TYPE_NOSNIFF = True  # X-Content-Type-Options: nosniff (Django's default, stated)
+SECURE_REFERRER_POLICY = "same-origin"  # no path (nor query) of ours leaves in a Referer
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 
 # Production hardening, on whenever DEBUG is off.
 if not DEBUG:
@@ -257,19 +290,25 @@ if not DEBUG:
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
-    SECURE_CONTENT_TYPE_NOSNIFF = True
-    X_FRAME_OPTIONS = "DENY"
-else:
-    X_FRAME_OPTIONS = "SAMEORIGIN"
+
+X_FRAME_OPTIONS = "DENY"  # for browsers without CSP frame-ancestors
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "filters": {"one_line": {"()": "streamspace.logs.ExceptionAsOneLine"}},
+    "filters": {
+        "one_line": {"()": "streamspace.logs.ExceptionAsOneLine"},
+        # ?token=... in a logged URL: its value is never written (streamspace/log_redaction.py).
+        "redact_tokens": {"()": "streamspace.log_redaction.RedactQueryTokens"},
+    },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
-        "console_one_line": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["one_line"]},
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact_tokens"]},
+        "console_one_line": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["one_line", "redact_tokens"],
+        },
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {

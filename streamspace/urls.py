@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework_simplejwt.views import TokenRefreshView
 
 from agents_app import api as agents_api
@@ -25,7 +25,12 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger"),
+    # The split view: Swagger UI's start-up script comes from /api/docs/?script, not inline (CSP).
+    path(
+        "api/docs/",
+        SpectacularSwaggerSplitView.as_view(url_name="schema", template_name="docs/swagger_ui.html"),
+        name="swagger",
+    ),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("healthz/sweeps", health.sweeps),
