@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents_app import selectors, services
+from streamspace.text import PlainTextField
 
 
 class AgentSerializer(serializers.Serializer):
@@ -29,12 +30,12 @@ class AgentSerializer(serializers.Serializer):
 
 
 class AgentRegisterSerializer(serializers.Serializer):
-    agent_id = serializers.CharField(max_length=255)
-    platform = serializers.CharField(max_length=20)
-    region = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    agent_id = PlainTextField(max_length=255)
+    platform = PlainTextField(max_length=20)
+    region = PlainTextField(max_length=100, required=False, allow_blank=True, default="")
     capacity = serializers.DictField(required=False, default=dict)
     metadata = serializers.DictField(required=False, default=dict)
-    agent_token = serializers.CharField(required=False, allow_blank=True, write_only=True)
+    agent_token = PlainTextField(required=False, allow_blank=True, write_only=True)
 
 
 class AgentRegisterView(APIView):

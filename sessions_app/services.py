@@ -17,6 +17,7 @@ from agents_app.selectors import agent_select_for_session
 from sessions_app.models import Quota, Session, Template
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
 from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
+from streamspace.text import has_control_characters
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def validate_tags(value) -> list[str]:
     for tag in value:
         if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
             raise InvalidInput(f"each tag must be 1 to {MAX_TAG_LENGTH} characters", field="tags")
+        if has_control_characters(tag):
+            raise InvalidInput("a tag must not contain NUL or other control characters", field="tags")
     return list(dict.fromkeys(t.strip() for t in value))
 
 
