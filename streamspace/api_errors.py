@@ -26,6 +26,8 @@ def exception_handler(exc, context):
         response.data = {"error": "invalid", "detail": "invalid input", "fields": response.data}
     elif isinstance(exc, exceptions.ParseError):
         response.data = {"error": "malformed", "detail": str(exc.detail)}
+        if getattr(exc, "field", None):
+            response.data["field"] = exc.field
     else:
         detail = response.data.get("detail", "") if isinstance(response.data, dict) else response.data
         code = getattr(exc, "default_code", "error")

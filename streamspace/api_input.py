@@ -1,15 +1,20 @@
 """The API refuses malformed input before any view sees it, with a 400 JSON body.
 
 - ``StrictJSONParser`` (the API's only parser): a body nested deeper than
-  ``MAX_JSON_DEPTH`` (the stdlib decoder would exhaust the stack at a few thousand
-  levels: RecursionError), and a NUL or lone surrogate in any string or key (PostgreSQL
-  cannot store them), are ``malformed``.
+  ``MAX_JSON_DEPTH`` (deeper than the interpreter's recursion limit, the stdlib decoder
+  raises RecursionError), and a NUL or lone surrogate in any string or key (PostgreSQL
+  cannot store them), are ``malformed``, naming the field; a body over Django's
+  ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is ``too_large`` (413, streamspace/api_errors.py).
 - ``QueryInputMiddleware``: a NUL in an ``/api/`` path or query parameter is
   ``malformed`` too, naming the parameter.
 """
 
 from __future__ import annotations
 
+import io
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
@@ -19,36 +24,57 @@ from streamspace.text import unstorable_text
 MAX_JSON_DEPTH = 32
 
 
-def json_problem(value) -> str | None:
-    """Why the decoded JSON ``value`` is refused, or None. Walks it with a stack, not recursion."""
-    stack = [(value, 1)]
+def json_problem(value) -> tuple[str, str] | None:
+    """(where, why) the decoded JSON ``value`` is refused, or None: ``where`` names the
+    field (``metadata.os``, ``tags[0]``). Walks the value with a stack, not recursion."""
+    stack = [(value, 1, "")]
     while stack:
-        item, depth = stack.pop()
+        item, depth, where = stack.pop()
         if isinstance(item, str):
             if unstorable_text(item):
-                return "a string holds a NUL character or a lone surrogate"
+                return where, "holds a NUL character or a lone surrogate"
         elif isinstance(item, dict | list):
             if depth > MAX_JSON_DEPTH:
-                return f"nested deeper than {MAX_JSON_DEPTH} levels"
+                return where, f"is nested deeper than {MAX_JSON_DEPTH} levels"
             if isinstance(item, dict):
                 for key, child in item.items():
+                    name = f"{where}.{key}" if where else key
                     if unstorable_text(key):
-                        return "a key holds a NUL character or a lone surrogate"
-                    stack.append((child, depth + 1))
+                        return name, "a key holds a NUL character or a lone surrogate"
+                    stack.append((child, depth + 1, name))
             else:
-                stack.extend((child, depth + 1) for child in item)
+                stack.extend((child, depth + 1, f"{where}[{i}]") for i, child in enumerate(item))
     return None
+
+
+class MalformedField(ParseError):
+    """A ParseError that names the field at fault (the handler adds ``field``)."""
+
+    def __init__(self, detail: str, field: str):
+        super().__init__(detail)
+        self.field = field
 
 
 class StrictJSONParser(JSONParser):
     def parse(self, stream, media_type=None, parser_context=None):
+        # DRF reads the body stream itself, past Django's DATA_UPLOAD_MAX_MEMORY_SIZE: apply it here
+        # (a chunked body has no Content-Length to refuse it by). Django's RequestDataTooBig -> 413 JSON.
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if limit is not None and stream is not None:
+            raw = stream.read(limit + 1)
+            if len(raw) > limit:
+                raise RequestDataTooBig("request body exceeded settings.DATA_UPLOAD_MAX_MEMORY_SIZE")
+            stream = io.BytesIO(raw)
         try:
             data = super().parse(stream, media_type, parser_context)
         except RecursionError:
             raise ParseError(f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels") from None
         problem = json_problem(data)
         if problem:
-            raise ParseError(f"JSON parse error - {problem}")
+            where, why = problem
+            if not where:
+                raise ParseError(f"JSON parse error - the body {why}")
+            raise MalformedField(f"JSON parse error - {where!r} {why}", field=where)
         return data
 
 
