@@ -52,7 +52,7 @@ class StreamSpaceAutoSchema(AutoSchema):
             codes.update(_WITH_BODY)
         if self.method != "GET" and "/auth/" not in self.path:
             codes.update(_WRITES)
-        if self.view.get_throttles():
+        if self.view.get_throttles() or "/auth/" in self.path:  # login is throttled (however it is done)
             codes.update(_THROTTLED)
         responses = operation["responses"]
         for code, description in codes.items():
