@@ -1,6 +1,6 @@
 """Session and template endpoints: parse, check access, call a service, serialize."""
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -61,7 +61,17 @@ class SessionListCreateView(APIView):
             qs = qs.filter(state=wanted)
         return Response(SessionSerializer(qs, many=True).data)
 
-    @extend_schema(request=SessionCreateSerializer, responses={201: SessionSerializer})
+    @extend_schema(
+        request=SessionCreateSerializer,
+        responses={201: SessionSerializer},
+        examples=[
+            OpenApiExample(
+                "a desktop",
+                value={"template": "desktop", "cpu": 1, "memory_mb": 1024, "tags": ["web"]},
+                request_only=True,
+            )
+        ],
+    )
     def post(self, request):
         if not isinstance(request.data, dict):
             return Response({"error": "invalid", "detail": "expected a JSON object"}, status=400)

@@ -36,8 +36,16 @@ def refuse_control_characters(value):
 
 
 class PlainTextField(serializers.CharField):
-    """A one-line text field: no NUL, no control characters."""
+    """A one-line text field: a JSON string (DRF's CharField would take the number 0 as
+    "0"), without NUL or other control characters."""
+
+    default_error_messages = {"invalid": "Not a valid string."}
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.validators.append(refuse_control_characters)
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)

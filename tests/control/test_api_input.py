@@ -245,3 +245,19 @@ def test_an_unhandled_error_under_api_is_500_json_without_the_traceback(as_alice
     body = assert_error(as_alice.get("/api/v1/templates"), 500, "server_error")
     assert "internal detail" not in json.dumps(body)
     assert any(r.exc_info and "internal detail" in str(r.exc_info[1]) for r in caplog.records)
+
+
+@pytest.mark.django_db
+def test_outside_the_api_django_keeps_its_pages(client):
+    response = client.get("/no-such-page")
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["template", "platform", "region"])
+def test_a_number_where_text_is_expected_is_400(as_alice, template, agent, name):
+    """Found by schemathesis: ``"region": 0`` was taken as the region "0" (503, no agent there)."""
+    body = assert_error(as_alice.post("/api/v1/sessions", {**SESSION_BODY, name: 0}, format="json"), 400, "invalid")
+    assert name in body["fields"], body
+    assert not Session.objects.exists()
