@@ -142,6 +142,8 @@ def session_create(
     platform: str = "",
     region: str = "",
 ) -> Session:
+    if has_control_characters(template_slug):  # the portal's form too: PostgreSQL refuses a NUL
+        raise InvalidInput("template must not contain NUL or other control characters", field="template")
     template = Template.objects.filter(slug=template_slug, enabled=True).first()
     if template is None:
         raise InvalidInput(f"no enabled template {template_slug!r}", field="template")

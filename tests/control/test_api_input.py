@@ -261,3 +261,14 @@ def test_a_number_where_text_is_expected_is_400(as_alice, template, agent, name)
     body = assert_error(as_alice.post("/api/v1/sessions", {**SESSION_BODY, name: 0}, format="json"), 400, "invalid")
     assert name in body["fields"], body
     assert not Session.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_nul_in_the_portals_launch_form_is_refused_not_a_500(client, alice, template, agent):
+    """The portal's form reaches the same service as the API: the service refuses the slug."""
+    client.force_login(alice)
+    client.raise_request_exception = False
+    response = client.post("/sessions/launch", {"template": "desk\x00top"}, follow=True)
+    assert response.status_code == 200
+    assert "control characters" in response.content.decode()
+    assert not Session.objects.exists()
