@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -67,7 +68,7 @@ def tokens(transactional_db, settings, django_user_model):
 
 
 @schema.parametrize()
-@settings(
+@hypothesis_settings(
     max_examples=12,
     derandomize=True,
     deadline=None,
