@@ -1,13 +1,14 @@
 """Agent endpoints: registration (bootstrap secret) and the staff views."""
 
 from django.conf import settings
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny, IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from agents_app import selectors, services
+from streamspace.text import PlainTextField
 
 
 class AgentSerializer(serializers.Serializer):
@@ -28,13 +29,17 @@ class AgentSerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField()
 
 
+class AgentRegisteredSerializer(AgentSerializer):
+    token = serializers.CharField(required=False, help_text="the agent's token: on creation only, shown once")
+
+
 class AgentRegisterSerializer(serializers.Serializer):
-    agent_id = serializers.CharField(max_length=255)
-    platform = serializers.CharField(max_length=20)
-    region = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    agent_id = PlainTextField(max_length=255)
+    platform = PlainTextField(max_length=20)
+    region = PlainTextField(max_length=100, required=False, allow_blank=True, default="")
     capacity = serializers.DictField(required=False, default=dict)
     metadata = serializers.DictField(required=False, default=dict)
-    agent_token = serializers.CharField(required=False, allow_blank=True, write_only=True)
+    agent_token = PlainTextField(required=False, allow_blank=True, write_only=True)
 
 
 class AgentRegisterView(APIView):
@@ -43,7 +48,23 @@ class AgentRegisterView(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
 
-    @extend_schema(request=AgentRegisterSerializer, responses={201: AgentSerializer, 200: AgentSerializer})
+    @extend_schema(
+        request=AgentRegisterSerializer,
+        responses={201: AgentRegisteredSerializer, 200: AgentRegisteredSerializer},
+        examples=[
+            OpenApiExample(
+                "a Docker agent",
+                value={
+                    "agent_id": "docker-eu-1",
+                    "platform": "docker",
+                    "region": "eu",
+                    "capacity": {"cpu": 8, "memory_mb": 16384, "max_sessions": 10},
+                    "metadata": {"hostname": "host-1"},
+                },
+                request_only=True,
+            )
+        ],
+    )
     def post(self, request):
         if not settings.AGENT_BOOTSTRAP_TOKEN:
             return Response(

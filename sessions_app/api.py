@@ -1,6 +1,6 @@
 """Session and template endpoints: parse, check access, call a service, serialize."""
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -8,6 +8,7 @@ from rest_framework.views import APIView
 from sessions_app import selectors, services
 from sessions_app.models import Session, Template
 from sessions_app.states import State
+from streamspace.text import PlainTextField
 
 
 class TemplateSerializer(serializers.ModelSerializer):
@@ -22,7 +23,7 @@ class TemplateSerializer(serializers.ModelSerializer):
 class SessionSerializer(serializers.ModelSerializer):
     template = serializers.CharField(source="template.slug")
     owner = serializers.CharField(source="owner.username")
-    agent_id = serializers.CharField(source="agent.agent_id", default=None)
+    agent_id = serializers.CharField(source="agent.agent_id", default=None, allow_null=True)
 
     class Meta:
         model = Session
@@ -36,13 +37,13 @@ class SessionSerializer(serializers.ModelSerializer):
 class SessionCreateSerializer(serializers.Serializer):
     """Shape only; values are checked by the service so the API and the portal agree."""
 
-    template = serializers.CharField(max_length=64)
+    template = PlainTextField(max_length=64)
     cpu = serializers.JSONField(required=False)
     memory_mb = serializers.JSONField(required=False)
     tags = serializers.JSONField(required=False)
     keep_home = serializers.JSONField(required=False)
-    platform = serializers.CharField(required=False, allow_blank=True, max_length=20)
-    region = serializers.CharField(required=False, allow_blank=True, max_length=100)
+    platform = PlainTextField(required=False, allow_blank=True, max_length=20)
+    region = PlainTextField(required=False, allow_blank=True, max_length=100)
 
 
 class TemplateListView(APIView):
@@ -63,7 +64,17 @@ class SessionListCreateView(APIView):
             qs = qs.filter(state=wanted)
         return Response(SessionSerializer(qs, many=True).data)
 
-    @extend_schema(request=SessionCreateSerializer, responses={201: SessionSerializer})
+    @extend_schema(
+        request=SessionCreateSerializer,
+        responses={201: SessionSerializer},
+        examples=[
+            OpenApiExample(
+                "a desktop",
+                value={"template": "desktop", "cpu": 1, "memory_mb": 1024, "tags": ["web"]},
+                request_only=True,
+            )
+        ],
+    )
     def post(self, request):
         if not isinstance(request.data, dict):
             return Response({"error": "invalid", "detail": "expected a JSON object"}, status=400)
@@ -90,7 +101,7 @@ class SessionDetailView(APIView):
             SessionSerializer(selectors.session_get_for_user(user=request.user, session_id=session_id)).data
         )
 
-    @extend_schema(responses={202: SessionSerializer})
+    @extend_schema(responses={200: SessionSerializer, 202: SessionSerializer})
     def delete(self, request, session_id):
         session = selectors.session_get_for_user(user=request.user, session_id=session_id)
         session = services.session_terminate(session=session)

@@ -20,6 +20,7 @@ from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.models import Quota, Session, Template
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
 from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
+from streamspace.text import has_control_characters
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def validate_tags(value) -> list[str]:
     for tag in value:
         if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
             raise InvalidInput(f"each tag must be 1 to {MAX_TAG_LENGTH} characters", field="tags")
+        if has_control_characters(tag):
+            raise InvalidInput("a tag must not contain NUL or other control characters", field="tags")
     return list(dict.fromkeys(t.strip() for t in value))
 
 
@@ -127,6 +130,8 @@ def session_create(
     platform: str = "",
     region: str = "",
 ) -> Session:
+    if has_control_characters(template_slug):  # the portal's form too: PostgreSQL refuses a NUL
+        raise InvalidInput("template must not contain NUL or other control characters", field="template")
     template = Template.objects.filter(slug=template_slug, enabled=True).first()
     if template is None:
         raise InvalidInput(f"no enabled template {template_slug!r}", field="template")

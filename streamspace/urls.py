@@ -37,3 +37,9 @@ urlpatterns = [
     path("", include("sessions_app.urls")),
     path("", include("vnc_app.urls")),
 ]
+
+# Django's error views: the API's JSON error body under /api/, Django's pages elsewhere.
+handler400 = "streamspace.api_errors.bad_request"
+handler403 = "streamspace.api_errors.permission_denied"
+handler404 = "streamspace.api_errors.page_not_found"
+handler500 = "streamspace.api_errors.server_error"
