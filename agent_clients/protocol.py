@@ -310,24 +310,38 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not a JSON number")
 
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL stores neither NUL nor a lone surrogate
+
+
+def unstorable_in(value: Any, *, root: str = "", max_depth: int | None = None) -> tuple[str, str] | None:
+    """(where, why) the first string (keys included) that the database cannot store sits in
+    the decoded JSON ``value`` (``where`` like ``metadata.os[1]``, under ``root``), or where
+    it nests deeper than ``max_depth``; None when all is well. Iterative, never recursive:
+    the one walker for agent frames and API bodies alike."""
+    stack: list[tuple[str, Any, int]] = [(root, value, 1)]
+    while stack:
+        where, item, depth = stack.pop()
+        if isinstance(item, str):
+            if bad := UNSTORABLE.search(item):
+                nul = bad.group() == "\x00"
+                return where, "holds a NUL character" if nul else "holds a lone surrogate (not Unicode text)"
+        elif isinstance(item, dict | list):
+            if max_depth is not None and depth > max_depth:
+                return where, f"is nested deeper than {max_depth} levels"
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    name = f"{where}.{key}" if where else str(key)
+                    stack += [(name, key, depth + 1), (name, child, depth + 1)]
+            else:
+                stack.extend((f"{where}[{n}]", child, depth + 1) for n, child in enumerate(item))
+    return None
 
 
 def _check_strings(type_: str, payload: dict) -> None:
-    """No string in the payload (keys included) holds NUL or a lone surrogate: iteratively,
-    naming where the first offender sits."""
-    stack: list[tuple[str, Any]] = [("payload", payload)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                stack.append((f"{where}.{key}", key))
-                stack.append((f"{where}.{key}", item))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{n}]", item) for n, item in enumerate(value))
-        elif isinstance(value, str) and (bad := _UNSTORABLE.search(value)):
-            what = "a NUL character" if bad.group() == "\x00" else "a lone surrogate (not Unicode text)"
-            raise ProtocolError(f"{type_}: {where[:120]} holds {what}")
+    """No string in the payload (keys included) holds NUL or a lone surrogate."""
+    if problem := unstorable_in(payload, root="payload"):
+        where, why = problem
+        raise ProtocolError(f"{type_}: {where[:120]} {why}")
 
 
 def decode(text: str | bytes, schema: dict[str, dict[str, Any]]) -> Message:

@@ -19,32 +19,10 @@ from django.http import JsonResponse
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
+from agent_clients.protocol import unstorable_in
 from streamspace.text import unstorable_text
 
 MAX_JSON_DEPTH = 32
-
-
-def json_problem(value) -> tuple[str, str] | None:
-    """(where, why) the decoded JSON ``value`` is refused, or None: ``where`` names the
-    field (``metadata.os``, ``tags[0]``). Walks the value with a stack, not recursion."""
-    stack = [(value, 1, "")]
-    while stack:
-        item, depth, where = stack.pop()
-        if isinstance(item, str):
-            if unstorable_text(item):
-                return where, "holds a NUL character or a lone surrogate"
-        elif isinstance(item, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                return where, f"is nested deeper than {MAX_JSON_DEPTH} levels"
-            if isinstance(item, dict):
-                for key, child in item.items():
-                    name = f"{where}.{key}" if where else key
-                    if unstorable_text(key):
-                        return name, "a key holds a NUL character or a lone surrogate"
-                    stack.append((child, depth + 1, name))
-            else:
-                stack.extend((child, depth + 1, f"{where}[{i}]") for i, child in enumerate(item))
-    return None
 
 
 class MalformedField(ParseError):
@@ -69,7 +47,7 @@ class StrictJSONParser(JSONParser):
             data = super().parse(stream, media_type, parser_context)
         except RecursionError:
             raise ParseError(f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels") from None
-        problem = json_problem(data)
+        problem = unstorable_in(data, max_depth=MAX_JSON_DEPTH)
         if problem:
             where, why = problem
             if not where:

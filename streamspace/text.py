@@ -12,15 +12,15 @@ import re
 
 from rest_framework import serializers
 
-# NUL, and the surrogate code points (a lone one is not valid UTF-8).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+from agent_clients.protocol import UNSTORABLE  # NUL and lone surrogates
+
 # Every C0 control character, DEL and the C1 controls, with the unstorable ones.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def unstorable_text(value: str) -> bool:
     """True when the database cannot store ``value`` as text (NUL or a lone surrogate)."""
-    return _UNSTORABLE.search(value) is not None
+    return UNSTORABLE.search(value) is not None
 
 
 def has_control_characters(value: str) -> bool:
