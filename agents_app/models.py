@@ -3,6 +3,8 @@ import uuid
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from streamspace.text import validate_storable_json
+
 # The highest overcommit ratios an operator may set (see README "Capacity and overcommit").
 CPU_OVERCOMMIT_MAX = 32.0
 MEMORY_OVERCOMMIT_MAX = 4.0
@@ -26,7 +28,7 @@ class Agent(models.Model):
     region = models.CharField(max_length=100, blank=True, default="")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.OFFLINE, db_index=True)
     capacity = models.JSONField(default=dict, blank=True)  # {"cpu": 4, "memory_mb": 8192, "max_sessions": 10}
-    metadata = models.JSONField(default=dict, blank=True)
+    metadata = models.JSONField(default=dict, blank=True, validators=[validate_storable_json])
     version = models.CharField(max_length=50, blank=True, default="")
     channel_name = models.CharField(max_length=255, blank=True, default="")
     last_heartbeat = models.DateTimeField(null=True, blank=True)
@@ -92,7 +94,7 @@ class AgentCommand(models.Model):
         "sessions_app.Session", on_delete=models.CASCADE, null=True, blank=True, related_name="commands"
     )
     type = models.CharField(max_length=30, choices=Type.choices)
-    payload = models.JSONField(default=dict, blank=True)
+    payload = models.JSONField(default=dict, blank=True, validators=[validate_storable_json])
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     # Bumped when a retryable failure sends the command back for a fresh execution;

@@ -10,6 +10,7 @@ from agent_clients import egress
 from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.states import State
 from streamspace.errors import InvalidInput
+from streamspace.text import validate_storable_json
 
 
 def validate_egress_allow(value) -> None:
@@ -28,7 +29,7 @@ class Template(models.Model):
     vnc_port = models.PositiveIntegerField(default=5901)
     default_cpu = models.FloatField(default=1.0)
     default_memory_mb = models.PositiveIntegerField(default=1024)
-    env = models.JSONField(default=dict, blank=True)
+    env = models.JSONField(default=dict, blank=True, validators=[validate_storable_json])
     volume_mount_path = models.CharField(max_length=255, default="/home/user")
     enabled = models.BooleanField(default=True)
     platform = models.CharField(max_length=20, blank=True, default="", help_text="Only agents of this platform")
@@ -92,7 +93,7 @@ class Session(models.Model):
     platform = models.CharField(max_length=20, blank=True, default="")
     region = models.CharField(max_length=100, blank=True, default="")
     cluster_id = models.CharField(max_length=255, blank=True, default="")
-    tags = models.JSONField(default=list, blank=True)
+    tags = models.JSONField(default=list, blank=True, validators=[validate_storable_json])
     state = models.CharField(max_length=20, choices=STATE_CHOICES, default=State.PENDING, db_index=True)
     cpu = models.FloatField()
     memory_mb = models.PositiveIntegerField()

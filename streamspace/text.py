@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 
+from django.core.exceptions import ValidationError
 from rest_framework import serializers
 
-from agent_clients.protocol import UNSTORABLE  # NUL and lone surrogates
+from agent_clients.protocol import MAX_DEPTH, UNSTORABLE, unstorable_in  # NUL and lone surrogates
 
 # Every C0 control character, DEL and the C1 controls, with the unstorable ones.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -49,3 +50,11 @@ class PlainTextField(serializers.CharField):
         if not isinstance(data, str):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+def validate_storable_json(value):
+    """Validator for a model's JSONField (the admin's forms): PostgreSQL refuses a NUL in
+    jsonb (a 500 before this check); deep nesting has no place in settings either."""
+    if problem := unstorable_in(value, max_depth=MAX_DEPTH):
+        where, why = problem
+        raise ValidationError(f"{where or 'the value'} {why}", code="unstorable")
