@@ -1,7 +1,8 @@
 from django.contrib import admin, messages
+from django.utils.html import format_html, format_html_join
 
 from sessions_app import services
-from sessions_app.models import Quota, Session, Template
+from sessions_app.models import Quota, Session, SessionEvent, Template
 from sessions_app.states import IllegalTransition, State
 from streamspace.admin_saving import SaveChangedFieldsOnly
 from streamspace.errors import ServiceError
@@ -35,12 +36,26 @@ class SessionAdmin(SaveChangedFieldsOnly):
     list_select_related = ["owner", "template", "agent"]
     exclude = ["vnc_password"]
     readonly_fields = [
-        f.name for f in Session._meta.fields if f.name not in ("tags", "vnc_password")
-    ]  # everything a service owns
+        *(f.name for f in Session._meta.fields if f.name not in ("tags", "vnc_password")),  # a service owns them
+        "timeline",
+    ]
     actions = ["terminate", "hibernate", "wake"]
 
     def has_add_permission(self, request):
         return False
+
+    @admin.display(description="timeline")
+    def timeline(self, obj):
+        """Every state change, oldest first, with its reason (SessionEvent)."""
+        rows = format_html_join(
+            "",
+            "<li>{} &nbsp; {} &rarr; {} &nbsp; {}</li>",
+            (
+                (f"{e.at:%Y-%m-%d %H:%M:%S}", e.from_state or "-", e.to_state, e.reason)
+                for e in SessionEvent.objects.filter(session=obj)
+            ),
+        )
+        return format_html("<ul>{}</ul>", rows) if rows else "-"
 
     def has_delete_permission(self, request, obj=None):
         return False

@@ -117,6 +117,24 @@ class Session(models.Model):
         return f"{self.template_id}:{self.id}"
 
 
+class SessionEvent(models.Model):
+    """The session's timeline: one row per state change (and per lifecycle action), with
+    why. Written by ``sessions_app.services._move`` in the transition's transaction."""
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(auto_now_add=True)
+    from_state = models.CharField(max_length=20, blank=True, default="")
+    to_state = models.CharField(max_length=20)
+    reason = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["at", "id"]
+        indexes = [models.Index(fields=["session", "at"])]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}: {self.from_state or '-'} -> {self.to_state}"
+
+
 class Quota(models.Model):
     """Limits for one user or one group (exactly one of the two)."""
 

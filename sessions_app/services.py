@@ -17,7 +17,7 @@ from agents_app.commands import command_enqueue
 from agents_app.models import AgentCommand
 from agents_app.selectors import agent_select_for_session
 from sessions_app.limits import validate_cpu, validate_memory
-from sessions_app.models import Quota, Session, Template
+from sessions_app.models import Quota, Session, SessionEvent, Template
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
 from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
 from streamspace.text import has_control_characters
@@ -108,13 +108,20 @@ def _lock_quota_holders(user) -> None:
 # --- state changes ----------------------------------------------------------------------
 
 
-def _move(session: Session, target: str, **fields) -> None:
-    """Apply one transition with a compare-and-swap on the current state."""
+def _move(session: Session, target: str, *, reason: str = "", **fields) -> None:
+    """Apply one transition with a compare-and-swap on the current state, and record it on
+    the session's timeline (``reason``, else the error message it carries)."""
     next_state(session.state, target)
     now = timezone.now()
     fields.update(state=target, state_changed_at=now, updated_at=now)
     if Session.objects.filter(pk=session.pk, state=session.state).update(**fields) != 1:
         raise Conflict("the session changed meanwhile; reload and try again")
+    SessionEvent.objects.create(
+        session_id=session.pk,
+        from_state=session.state,
+        to_state=target,
+        reason=(reason or fields.get("error_message") or "")[:2000],
+    )
     for name, value in fields.items():
         setattr(session, name, value)
 
@@ -158,6 +165,7 @@ def session_create(
             keep_home=keep_home,
             vnc_password=secrets.token_urlsafe(6)[:8],
         )
+        SessionEvent.objects.create(session=session, to_state=session.state, reason=f"launched on {agent.agent_id}")
         command_enqueue(
             agent=agent,
             session=session,
