@@ -247,8 +247,7 @@ class DockerBackend(Backend):
             )
         except ValueError as exc:
             raise BackendError(str(exc), retryable=False) from None
-        backend.reassert_egress()
-        return backend
+        return backend  # its rules are re-asserted by maintain(), once this process leads
 
     def close(self) -> None:
         self.client.close()
@@ -444,25 +443,39 @@ class DockerBackend(Backend):
             raise BackendError(f"could not remove the session's egress rules: {exc}", retryable=True) from None
 
     @readable_errors("re-assert the sessions' egress rules")
-    def reassert_egress(self) -> list[str]:
-        """At agent start: re-install the rules of every session container this agent holds
-        (a host reboot or an iptables flush lost them). A running desktop whose rules cannot
-        be applied is stopped (never left running without its policy). Returns the ids."""
+    def maintain(self) -> list[str]:
+        """Re-install the egress rules of every session container this agent holds whose
+        rules are not all there (a host reboot, a firewall reload or an ``iptables -F``
+        removed them): one listing, then a re-apply only where a jump or a rule is missing.
+        Called by the runtime only while this process leads (never by a standby), right
+        after every hello and then every GC_INTERVAL. A running desktop whose rules cannot
+        be applied is stopped: it never runs without its policy. Returns "egress rules of <id>"
+        for each session repaired."""
         rows = self._call(
             "list containers",
             self.client.api.containers,
             all=True,
             filters={"label": [f"{LABEL_AGENT}={self.agent_id}", f"{LABEL_MANAGED}=true"]},
         )
-        done = []
+        if not rows:
+            return []
+        try:
+            listing = self.firewall.listing()
+        except eg.EgressError as exc:
+            listing = []  # every session then counts as broken: each re-apply says why it fails
+            log.error("cannot list the egress rules: %s", exc)
+        repaired = []
         for row in rows:
-            sid = (row.get("Labels") or {}).get(LABEL_SESSION, "")
-            container = self._get_container(sid) if sid else None
-            if container is None or not self._ours(container.labels, sid):
+            labels = row.get("Labels") or {}
+            sid = labels.get(LABEL_SESSION, "")
+            if not sid or not self._ours(labels, sid) or self._egress_intact(sid, labels, listing):
+                continue
+            container = self._get_container(sid)
+            if container is None:
                 continue
             try:
                 self._apply_egress_of(container)
-                done.append(sid)
+                repaired.append(f"egress rules of {sid}")
             except (BackendError, docker.errors.NotFound) as exc:
                 log.error("session %s: its egress policy could not be re-applied: %s", sid, exc)
                 if container.status == "running":
@@ -471,7 +484,18 @@ class DockerBackend(Backend):
                     log.error("stopping session %s: a desktop never runs without its egress policy", sid)
                     with contextlib.suppress(docker.errors.DockerException):
                         container.stop(timeout=self.stop_timeout)
-        return done
+        return repaired
+
+    def _egress_intact(self, sid: str, labels: dict[str, str], listing: list[str]) -> bool:
+        """Whether the listing holds both jumps and every rule of the session's policy."""
+        allow = [e for e in labels.get(LABEL_EGRESS_ALLOW, "").split(",") if e]
+        try:
+            mode, rules = self._egress_of(labels.get(LABEL_EGRESS, eg.DEFAULT_MODE), allow)
+        except BackendError:
+            return False  # re-applying says why
+        return self.firewall.intact(
+            eg.Chains.of(self.agent_id, sid), mode, rules, dns=self.egress_dns, proxy=self.egress_proxy, listing=listing
+        )
 
     # --- Backend interface ---------------------------------------------------------
 
@@ -507,6 +531,7 @@ class DockerBackend(Backend):
                     f"name collision: a container named {container_name(sid)} exists that is not this session's",
                     retryable=False,
                 )
+            self._check_limits(existing)
             self._apply_egress_of(existing)
             if existing.status == "running":
                 return self._wait_ready(existing, self.rfb_timeout)
@@ -668,12 +693,20 @@ class DockerBackend(Backend):
     def _undo(self, made: list[Any], sid: str) -> None:
         with self._lock:
             self._expected_stops.add(sid)
+        container_left = False  # its rules stay then: a desktop that may run keeps its policy
         for obj in reversed(made):
             try:
                 if isinstance(obj, _EgressRules):
-                    self._remove_egress(obj.session_id)
+                    if not container_left:
+                        self._remove_egress(obj.session_id)
                 elif isinstance(obj, Container):
-                    obj.remove(force=True)
+                    try:
+                        obj.remove(force=True)
+                    except docker.errors.NotFound:
+                        pass
+                    except Exception:
+                        container_left = True
+                        raise
                 else:
                     obj.remove()
             except docker.errors.NotFound:
@@ -741,10 +774,26 @@ class DockerBackend(Backend):
     def wake(self, session_id: str) -> SessionStatus:
         self._check_id(session_id)
         container = self._require(session_id)
+        self._check_limits(container)
         self._apply_egress_of(container)
         if container.status == "running":
             return self._wait_ready(container, self.rfb_timeout)
         return self._start(container)
+
+    def _check_limits(self, container: Any) -> None:
+        """A container made before the minimums existed may have no CPU or memory limit at
+        all (``cpu=1e-10`` gave NanoCpus 0, which the engine reads as unlimited): it is not
+        started again."""
+        host = (container.attrs or {}).get("HostConfig") or {}
+        nano, quota = host.get("NanoCpus") or 0, host.get("CpuQuota") or 0
+        memory = host.get("Memory") or 0
+        if (nano < nano_cpus(self.min_cpu) and quota <= 0) or memory < memory_bytes(self.min_memory_mb):
+            raise BackendError(
+                "this desktop's container was made without the CPU or memory limit every session now "
+                f"has (at least {self.min_cpu:g} cores and {self.min_memory_mb} MB): it is not started "
+                "again; terminate the session (keep its home if you want it) and launch a new one",
+                retryable=False,
+            )
 
     def _require(self, session_id: str) -> Any:
         container = self._get_container(session_id)
@@ -865,16 +914,18 @@ class DockerBackend(Backend):
                 return None
             return sid
 
-        def drop(kind: str, name: str, sid: str, fn: Callable[[], Any]) -> None:
+        def drop(kind: str, name: str, sid: str, fn: Callable[[], Any]) -> bool:
+            """Remove one object; False if it is still there."""
             try:
                 self._call(f"remove the {kind} {name}", fn)
             except docker.errors.NotFound:
-                return
+                return True
             except BackendError as exc:
                 log.warning("garbage collector: could not remove %s %s: %s", kind, name, exc.detail)
-                return
+                return False
             log.info("garbage collector: removed %s %s of session %s (finished on the control plane)", kind, name, sid)
             removed.append(f"{kind} {name}")
+            return True
 
         in_use: set[str] = set()  # sessions whose container stays: their rules, network and volume stay too
         for c in self._call("list containers", self.client.api.containers, all=True, filters=flt):
@@ -885,7 +936,8 @@ class DockerBackend(Backend):
             name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
             with self._lock:
                 self._expected_stops.add(sid)
-            drop("container", name, sid, lambda c=c: self.client.api.remove_container(c["Id"], force=True))
+            if not drop("container", name, sid, lambda c=c: self.client.api.remove_container(c["Id"], force=True)):
+                in_use.add(sid)  # still there (maybe running): its rules, network and volume stay
             with self._lock:
                 self._expected_stops.discard(sid)
         young: set[str] = set()  # sessions with a network too young to collect: a create may be in flight

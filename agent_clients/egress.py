@@ -10,7 +10,8 @@ A template's ``egress`` is one of:
   gets ``HTTP_PROXY``/``HTTPS_PROXY`` pointing at it.
 
 ``egress_allow`` entries open more on top of any mode: ``CIDR`` (every port),
-``CIDR:port`` (TCP and UDP to that port) or a bare ``port`` (that port on every address).
+``CIDR:port`` (TCP and UDP to that port) or a bare ``port`` (that port on public
+addresses: never the Docker host, the private or special ranges).
 
 This module is pure Python (no Django): the control plane validates template fields with
 :func:`parse_allow` and the agents render rules from the same parse. On Docker the rules
@@ -219,24 +220,34 @@ def render_chain(
         f"-p tcp {tag} -j REJECT --reject-with tcp-reset",
         f"{tag} -j REJECT --reject-with icmp-admin-prohibited",
     )
-    rules = [f"-A {chain} {tag} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-    for rule in allow:
+
+    def accept(rule: AllowRule) -> list[str]:
         dest = f" -d {rule.network}" if rule.network else ""
         if rule.port is None:
-            rules.append(f"-A {chain}{dest} {tag} -j ACCEPT")
-        else:
-            rules += [f"-A {chain}{dest} -p {p} {tag} -m {p} --dport {rule.port} -j ACCEPT" for p in ("tcp", "udp")]
+            return [f"-A {chain}{dest} {tag} -j ACCEPT"]
+        return [f"-A {chain}{dest} -p {p} {tag} -m {p} --dport {rule.port} -j ACCEPT" for p in ("tcp", "udp")]
+
+    addressed = [rule for rule in allow if rule.network is not None]  # the operator named the network
+    ports_only = [rule for rule in allow if rule.network is None]  # public addresses only
+    rules = [f"-A {chain} {tag} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+    for rule in addressed:
+        rules += accept(rule)
     if mode == "internet":
         for server in dns:
             rules += [f"-A {chain} -d {server}/32 -p {p} {tag} -m {p} --dport 53 -j ACCEPT" for p in ("udp", "tcp")]
     if mode == "proxy" and proxy is not None:
         rules.append(f"-A {chain} -d {proxy[0]}/32 -p tcp {tag} -m tcp --dport {proxy[1]} -j ACCEPT")
-    if mode == "internet" and not to_host:
+    if not to_host and (mode == "internet" or ports_only):
+        # Never the private and special ranges (the metadata address, the LAN, other
+        # sessions) unless an entry above names them; a bare port opens public ones only.
         for net in BLOCKED_V4:
             rules += [f"-A {chain} -d {net} {reject}" for reject in rejects]
-        rules.append(f"-A {chain} {tag} -j RETURN")  # public: Docker's own rules decide
-    else:
-        rules += [f"-A {chain} {reject}" for reject in rejects]
+        for rule in ports_only:
+            rules += accept(rule)
+        if mode == "internet":
+            rules.append(f"-A {chain} {tag} -j RETURN")  # public: Docker's own rules decide
+            return rules
+    rules += [f"-A {chain} {reject}" for reject in rejects]
     return rules
 
 
@@ -315,6 +326,29 @@ class IptablesEgress:
                     lines.append(f"-I {parent} 1" + wanted[len(f"-A {parent}") :])
             lines.append("COMMIT")
             self._run([self._restore_name(), "-w", "--noflush"], "\n".join(lines) + "\n")
+
+    def intact(
+        self,
+        chains: Chains,
+        mode: str,
+        allow: tuple[AllowRule, ...],
+        *,
+        dns: list[str],
+        proxy: tuple[str, int] | None,
+        listing: list[str],
+    ) -> bool:
+        """Whether ``listing`` (``iptables -S``) holds the session's two jumps and as many
+        rules in each chain as its policy renders (a flush empties chains, a reload of INPUT
+        or DOCKER-USER drops jumps: either reads as broken)."""
+        for parent, target in (("DOCKER-USER", chains.forward), ("INPUT", chains.inbound)):
+            if not any(x.startswith(f"-A {parent} ") and x.endswith(f" -j {target}") for x in listing):
+                return False
+        common = {"allow": allow, "dns": dns, "proxy": proxy}
+        for chain, to_host in ((chains.inbound, True), (chains.forward, False)):
+            wanted = len(render_chain(chain, chains.comment, mode, to_host=to_host, **common))
+            if sum(1 for x in listing if x.startswith(f"-A {chain} ")) != wanted:
+                return False
+        return True
 
     def remove(self, chains: Chains, current: list[str] | None = None) -> bool:
         """Remove the session's jumps and chains; True if there was anything to remove."""

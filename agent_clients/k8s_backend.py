@@ -445,8 +445,20 @@ class KubernetesBackend(Backend):
         return SessionStatus(session_id, "hibernated", "scaled to zero; home volume kept")
 
     def wake(self, session_id: str) -> SessionStatus:
+        self._ensure_network_policy(session_id)
         self._scale(session_id, 1)
         return self._wait_ready(session_id)
+
+    def _ensure_network_policy(self, session_id: str) -> None:
+        """A desktop never wakes without its egress policy: one made before policies existed,
+        or whose policy was deleted by hand, gets it back (rebuilt from the Deployment's
+        annotations) before it is scaled up."""
+        deployment = self._read_deployment(session_id)
+        if deployment is None:
+            return  # _scale says the session is gone
+        spec = m.spec_for_policy(session_id, deployment.metadata.annotations or {})
+        policy = m.make_network_policy(spec, self.agent_id, self.namespace, egress_proxy=self.egress_proxy)
+        self._create_or_adopt(policy, m.label_value(session_id))
 
     def status(self, session_id: str) -> SessionStatus:
         deployment = self._read_deployment(session_id)

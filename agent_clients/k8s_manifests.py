@@ -30,6 +30,9 @@ LABEL_AGENT = "streamspace.io/agent"
 ANNOTATION_SESSION_ID = "streamspace.io/session-id"
 ANNOTATION_OWNER = "streamspace.io/owner"
 ANNOTATION_TEMPLATE = "streamspace.io/template"
+# The session's egress policy, kept on its objects so a wake can rebuild its NetworkPolicy.
+ANNOTATION_EGRESS = "streamspace.io/egress"
+ANNOTATION_EGRESS_ALLOW = "streamspace.io/egress-allow"
 
 VNC_PASSWORD_KEY = "VNC_PASSWORD"  # noqa: S105 (the key name, not a password)
 CONTAINER_NAME = "desktop"
@@ -143,7 +146,22 @@ def annotations(spec: SessionSpec) -> dict[str, str]:
         ANNOTATION_SESSION_ID: spec.session_id,
         ANNOTATION_OWNER: spec.owner,
         ANNOTATION_TEMPLATE: spec.template,
+        ANNOTATION_EGRESS: spec.egress,
+        ANNOTATION_EGRESS_ALLOW: ",".join(spec.egress_allow),
     }
+
+
+def spec_for_policy(session_id: str, notes: dict[str, str]) -> SessionSpec:
+    """The part of a session's spec its NetworkPolicy needs, from an object's annotations
+    (a session made before they existed gets the default policy, ``internet``)."""
+    return SessionSpec(
+        session_id=session_id,
+        owner=notes.get(ANNOTATION_OWNER, ""),
+        image="-",
+        template=notes.get(ANNOTATION_TEMPLATE, ""),
+        egress=notes.get(ANNOTATION_EGRESS) or eg.DEFAULT_MODE,
+        egress_allow=tuple(e for e in notes.get(ANNOTATION_EGRESS_ALLOW, "").split(",") if e),
+    )
 
 
 def _metadata(name: str, spec: SessionSpec, agent_id: str, namespace: str) -> dict[str, Any]:
@@ -231,6 +249,8 @@ def make_network_policy(
         rule: dict[str, Any] = {}
         if entry.network is not None:
             rule["to"] = [{"ipBlock": {"cidr": entry.network}}]
+        else:  # a bare port: public addresses only (never the metadata service, the LAN, nodes)
+            rule["to"] = [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(eg.BLOCKED_V4)}}]
         if entry.port is not None:
             rule["ports"] = _ports(entry.port)
         rules.append(rule)

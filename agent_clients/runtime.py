@@ -660,11 +660,15 @@ class Agent:
     # --- the garbage collector -------------------------------------------------------
 
     async def _garbage_collector(self) -> None:
-        """Right after every hello, then every ``gc_interval``: one collection. A failed
-        round is logged and never ends the connection; the next round tries again."""
+        """Right after every hello, then every ``gc_interval``: the backend's upkeep
+        (``Backend.maintain``), then one collection. A failed round is logged and never ends
+        the connection; the next round tries again. Only a connected leader gets here."""
         while True:
             if not self.draining:
                 try:
+                    repaired = await self._in_thread(self.backend.maintain)
+                    if repaired:
+                        log.warning("repaired what the platform lost: %s", ", ".join(repaired))
                     await self.collect_garbage()
                 except asyncio.CancelledError:
                     raise

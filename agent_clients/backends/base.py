@@ -136,6 +136,13 @@ class Backend(abc.ABC):
         collector yet, such as Kubernetes)."""
         return []
 
+    def maintain(self) -> list[str]:
+        """Upkeep of what the platform may lose behind the agent's back, run only while this
+        process leads and is connected (right after every hello, then every
+        ``gc_interval``, before the garbage collector). Returns what it repaired. Default:
+        nothing (the Docker backend re-installs egress rules a firewall reload removed)."""
+        return []
+
     def capacity(self) -> dict[str, Any]:
         """What the agent reports as its capacity: cpu (cores), memory_mb, max_sessions."""
         return {}

@@ -76,3 +76,22 @@ def test_the_agents_minimum_is_its_own_setting(docker_client, agent_id, new_sess
     with pytest.raises(BackendError, match="memory limit 128 MB is outside 256"):
         strict.create(spec)
     assert _container(docker_client, spec.session_id) is None
+
+
+def test_a_container_made_without_limits_is_not_woken(backend, docker_client, new_session, monkeypatch):
+    """Found by review: a session made before the minimum existed (``cpu=1e-10`` gave
+    NanoCpus 0: no limit) was woken as it was. Such a container is refused with a reason and
+    stays stopped. The old code's container is made by patching ``nano_cpus`` to return 0
+    (what ``int(1e-10 * 1e9)`` gave), the one stand-in here."""
+    from agent_clients import docker_backend
+
+    spec = new_session(cpu=0.5, memory_mb=256)
+    monkeypatch.setattr(docker_backend, "nano_cpus", lambda cores: 0)
+    backend.create(spec)
+    monkeypatch.undo()
+    assert _container(docker_client, spec.session_id).attrs["HostConfig"]["NanoCpus"] == 0
+    backend.hibernate(spec.session_id)
+    with pytest.raises(BackendError) as refused:
+        backend.wake(spec.session_id)
+    assert not refused.value.retryable and "without the CPU or memory limit" in refused.value.message
+    assert _container(docker_client, spec.session_id).status == "exited"

@@ -92,7 +92,7 @@ def test_hosts():
         sh("ip", "-n", ns, "addr", "add", f"{PRIVATE}/30", "dev", ns_if)
         for addr in far[1:]:
             sh("ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", ns_if)
-            sh("ip", "route", "add", f"{addr}/32", "dev", host_if)
+            sh("ip", "route", "replace", f"{addr}/32", "dev", host_if)  # a crashed run may have left it
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", ns, "link", "set", ns_if, "up")
         for addr in far:  # every probed address leads into the namespace, nowhere else
@@ -123,10 +123,11 @@ def no_rules_left_behind(docker_client, agent_id):
 
 
 @contextlib.contextmanager
-def listening_on(host: str):
-    """A listener in this process on ``host`` (a port of its own); yields the port."""
+def listening_on(host: str, port: int = 0):
+    """A listener in this process on ``host`` (on ``port``, else a port of its own); yields the port."""
     server = socket.socket()
-    server.bind((host, 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, port))
     server.listen(16)
     server.settimeout(0.2)
     stop = threading.Event()
@@ -225,6 +226,21 @@ def test_an_allow_entry_opens_a_private_address_and_nothing_else(test_hosts, doc
     assert probe(docker_client, sid, LINK_LOCAL, PORT) == "refused"  # only port 9 there
 
 
+def test_a_bare_port_opens_public_addresses_only(test_hosts, docker_client, backend, new_session):
+    """Found by review: a bare port (``"8080"``) rendered an ACCEPT with no destination ahead
+    of the REJECTs, so a "none plus port" template reached the metadata address, the LAN and
+    the Docker host on that port."""
+    spec = new_session(egress="none", egress_allow=(str(PORT),))
+    backend.create(spec)
+    sid = spec.session_id
+    assert probe(docker_client, sid, PUBLIC, PORT) == f"open hello {PORT}"
+    assert probe(docker_client, sid, PRIVATE, PORT) == "refused"
+    assert probe(docker_client, sid, LINK_LOCAL, PORT) == "refused"
+    with listening_on(gateway(docker_client, sid), PORT) as port:
+        assert probe(docker_client, sid, gateway(docker_client, sid), port) == "refused"
+    assert probe(docker_client, sid, PUBLIC, DNS_PORT) == "refused"  # other ports: nothing
+
+
 def test_dns_goes_to_the_agents_resolvers_only(test_hosts, docker_client, make_backend, new_session):
     b = make_backend(egress_dns=[PRIVATE])
     spec = new_session(b=b)
@@ -281,8 +297,30 @@ def test_a_restarted_agent_reasserts_the_rules_of_its_sessions(test_hosts, docke
     first.firewall.remove(chains(first, sid))  # the host's firewall was flushed (a reboot, an admin)
     assert probe(docker_client, sid, PRIVATE, PORT) == f"open hello {PORT}"  # what the rules are for
     restarted = make_backend()
-    assert sid in restarted.reassert_egress()
+    assert f"egress rules of {sid}" in restarted.maintain()
     assert restarted.firewall.rules_of(chains(restarted, sid)) == rules
+    assert probe(docker_client, sid, PRIVATE, PORT) == "refused"
+
+
+def test_rules_a_firewall_reload_drops_while_the_agent_runs_are_put_back_by_its_upkeep(
+    test_hosts, docker_client, backend, new_session
+):
+    """Found by review: the rules were re-asserted only when the agent started, so a
+    firewall reload (a DOCKER-USER jump gone) left a running desktop with open egress
+    until its next wake. The runtime calls maintain() after every hello and GC round."""
+    spec = new_session()
+    sid = spec.session_id
+    backend.create(spec)
+    assert backend.maintain() == []  # all there: nothing to do
+    rules = backend.firewall.rules_of(chains(backend, sid))
+    jump = next(r for r in rules if r.startswith("-A DOCKER-USER"))
+    subprocess.run(["iptables", "-w", *("-D" + jump[2:]).replace('"', "").split()], check=True)
+    assert probe(docker_client, sid, PRIVATE, PORT) == f"open hello {PORT}"  # the hole
+    assert backend.maintain() == [f"egress rules of {sid}"]
+    assert backend.firewall.rules_of(chains(backend, sid)) == rules
+    assert probe(docker_client, sid, PRIVATE, PORT) == "refused"
+    subprocess.run(["iptables", "-w", "-F", chains(backend, sid).forward], check=True)  # a flush
+    assert backend.maintain() == [f"egress rules of {sid}"]
     assert probe(docker_client, sid, PRIVATE, PORT) == "refused"
 
 

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from agent_clients import egress as eg
 from agent_clients import k8s_manifests as m
 from agent_clients.backends.base import BackendError, SessionSpec
 
@@ -289,7 +290,10 @@ def test_allow_entries_add_rules_in_any_mode():
     assert egress == [
         {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]},
         {"to": [{"ipBlock": {"cidr": "192.168.7.0/24"}}], "ports": both},
-        {"ports": [{"protocol": "TCP", "port": 8443}, {"protocol": "UDP", "port": 8443}]},
+        {  # a bare port: public addresses only (found by review: it opened the metadata service)
+            "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(eg.BLOCKED_V4)}}],
+            "ports": [{"protocol": "TCP", "port": 8443}, {"protocol": "UDP", "port": 8443}],
+        },
     ]
 
 
