@@ -234,7 +234,12 @@ def session_wake(*, session: Session) -> Session:
     next_state(session.state, State.WAKING)
     _lock_quota_holders(session.owner)
     quota_check(
-        user=session.owner, add_sessions=0, add_cpu=session.cpu, add_memory_mb=session.memory_mb, exclude=session
+        user=session.owner,
+        add_sessions=0,
+        # a session stored before the minimums existed is charged the minimum, not less
+        add_cpu=max(session.cpu, settings.SESSION_MIN_CPU),
+        add_memory_mb=max(session.memory_mb, settings.SESSION_MIN_MEMORY_MB),
+        exclude=session,
     )
     _move(session, State.WAKING)
     command_enqueue(agent=session.agent, session=session, type=AgentCommand.Type.WAKE_SESSION)

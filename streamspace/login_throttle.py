@@ -23,11 +23,20 @@ from rest_framework_simplejwt.views import TokenObtainPairView
 LOCKED_OUT = "Too many failed log-ins for this user name or from this address."
 
 
+def _address(value) -> str | None:
+    """An IP address, or None for anything else (a peer on a Unix socket, an in-process test
+    client's "testclient"): the database refuses to store those as an address (a 500)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
 def client_ip(request) -> str | None:
     """The TCP peer's address; behind LOGIN_TRUSTED_PROXY_COUNT proxies, the address the
     outermost one saw (the N-th X-Forwarded-For entry from the right: entries further left
     are whatever the client wrote)."""
-    remote = request.META.get("REMOTE_ADDR")
+    remote = _address(request.META.get("REMOTE_ADDR"))
     count = settings.LOGIN_TRUSTED_PROXY_COUNT
     if not count:
         return remote

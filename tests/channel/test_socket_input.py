@@ -193,11 +193,22 @@ def desktop(transactional_db):
     return Template.objects.create(slug="desktop", name="Desktop", image="img:1")
 
 
-@pytest.mark.parametrize("spelling", ["not-a-uuid", "1b4e28ba", SID.replace("-", "") + "zz", "%00"])
-def test_a_viewer_socket_for_a_non_uuid_id_is_closed_like_the_api_answers(control_plane, daphne_log, alice, spelling):
-    """The REST API answers 404 no such session for an id that is no UUID; the socket 4404."""
+@pytest.mark.parametrize(
+    ("spelling", "api_answer"),
+    [
+        ("not-a-uuid", (404, "not_found")),
+        ("1b4e28ba", (404, "not_found")),
+        (SID.replace("-", "") + "zz", (404, "not_found")),
+        ("%00", (400, "malformed")),  # a NUL in an API path is refused before any lookup
+    ],
+)
+def test_a_viewer_socket_for_a_non_uuid_id_is_closed_like_the_api_answers(
+    control_plane, daphne_log, alice, spelling, api_answer
+):
+    """The REST API answers 404 no such session for an id that is no UUID (400 for a NUL);
+    the socket closes 4404 "no such session" for each: no such session can be opened."""
     status, body = control_plane.request("GET", f"/api/v1/sessions/{spelling}", jwt(alice))
-    assert (status, body["error"]) == (404, "not_found")
+    assert (status, body["error"]) == api_answer
     code, reason = closed_with(viewer(control_plane, spelling, jwt(alice)))
     assert (code, reason) == (protocol.CLOSE_NOT_FOUND, "no such session")
     assert_no_traceback(daphne_log())

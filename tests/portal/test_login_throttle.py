@@ -103,6 +103,16 @@ def test_the_api_answers_json_429_with_retry_after(alice):
         assert "access" not in body
 
 
+def test_a_peer_without_an_ip_address_is_still_counted_and_never_a_500(alice):
+    """Found when schemathesis met axes: an in-process ASGI client's address is "testclient"
+    (a Unix-socket peer has none either); axes stored it as an address and PostgreSQL
+    refused it (a 500 on the token endpoint). Such peers share one address-less count."""
+    api = APIClient(REMOTE_ADDR="testclient")
+    answers = fail(api_login, api, "alice", 5)
+    assert [r.status_code for r in answers] == [401] * 4 + [429]
+    assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {None}
+
+
 def test_the_doors_share_one_count(client, alice):
     """Guesses spread over the portal, the admin and the API add up."""
     api = APIClient()
