@@ -219,6 +219,22 @@ async def test_repeated_create_is_idempotent(emulator, kubelet):
     assert len(deployments) == 1
 
 
+async def test_wake_puts_back_a_missing_network_policy_before_the_pod_runs(emulator, kubelet):
+    """Found by review: wake only scaled the Deployment, so a session made before policies
+    existed, or whose policy was deleted, woke with unrestricted egress."""
+    backend = make_backend(emulator)
+    s = spec(egress="none", egress_allow=("10.1.2.3:443",))
+    await asyncio.to_thread(backend.create, s)
+    await asyncio.to_thread(backend.hibernate, s.session_id)
+    name = m.network_policy_name(s.session_id)
+    del emulator.objects["networking.k8s.io/v1/networkpolicies", NS, name]
+    assert not live(emulator, "networking.k8s.io/v1/networkpolicies", name)
+
+    assert (await asyncio.to_thread(backend.wake, s.session_id)).state == "running"
+    policy = emulator.objects["networking.k8s.io/v1/networkpolicies", NS, name]
+    assert policy["spec"] == m.make_network_policy(s, AGENT, NS)["spec"]  # rebuilt from the annotations
+
+
 async def test_repeated_create_of_a_hibernated_session_starts_it(emulator, kubelet):
     backend = make_backend(emulator)
     s = spec()
