@@ -66,6 +66,8 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "streamspace.urls"
+# Django's database sessions, refusing keys no session of ours has (a NUL cookie was a 500).
+SESSION_ENGINE = "streamspace.login_sessions"
 ASGI_APPLICATION = "streamspace.asgi.application"
 WSGI_APPLICATION = None
 
