@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import struct
 import time
@@ -70,6 +71,8 @@ COMMAND_TYPES = frozenset(
 REPORTED_STATES = frozenset({"running", "starting", "hibernated", "stopped", "failed", "missing"})
 
 PLATFORMS = frozenset({"kubernetes", "docker", "vm", "cloud"})
+
+log = logging.getLogger(__name__)
 
 
 class _Invalid(ValueError):
@@ -162,6 +165,15 @@ def _session_reports(session_id):
     def check(v: Any) -> bool:
         if not _list(v):
             return False
+        if session_id is _uuid:
+            # An id this control plane never makes (a container someone labelled by hand,
+            # another install's) names no session here: it is left out of the report, not
+            # allowed to refuse the whole hello or heartbeat (the agent would never come online).
+            foreign = [e for e in v if _dict(e) and valid_id(e.get("session_id")) and not _uuid(e["session_id"])]
+            if foreign:
+                log.warning("ignoring %d reported session(s) with ids this control plane never made, e.g. %r",
+                            len(foreign), str(foreign[0]["session_id"])[:64])  # fmt: skip
+                v[:] = [e for e in v if not any(e is f for f in foreign)]
         for n, entry in enumerate(v):
             if not _dict(entry):
                 raise _Invalid(f"entry {n} is not an object")
