@@ -21,6 +21,7 @@ are iptables chains (:class:`IptablesEgress`); on Kubernetes a NetworkPolicy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -144,24 +145,32 @@ def proxy_env(proxy: tuple[str, int]) -> dict[str, str]:
     }
 
 
-def resolvers(path: str = "/etc/resolv.conf") -> list[str]:
-    """The IPv4 name servers of this host (what dockerd forwards a session's DNS queries
-    to), without loopback ones (dockerd queries those from the host's own namespace)."""
+SYSTEMD_RESOLVED = "/run/systemd/resolve/resolv.conf"
+
+
+def _nameservers(path: str) -> list[ipaddress.IPv4Address]:
     found = []
     try:
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 parts = line.split()
                 if len(parts) >= 2 and parts[0] == "nameserver":
-                    try:
-                        addr = ipaddress.IPv4Address(parts[1])
-                    except ValueError:
-                        continue
-                    if not addr.is_loopback:
-                        found.append(str(addr))
+                    with contextlib.suppress(ValueError):
+                        found.append(ipaddress.IPv4Address(parts[1]))
     except OSError:
         pass
     return found
+
+
+def resolvers(path: str = "/etc/resolv.conf", resolved: str = SYSTEMD_RESOLVED) -> list[str]:
+    """The IPv4 name servers dockerd forwards a session's DNS queries to, as dockerd picks
+    them: on a systemd-resolved host (``path`` names only 127.0.0.53) the upstream servers
+    of ``resolved``; loopback ones are left out (dockerd queries those from the host's own
+    namespace, outside the rules)."""
+    servers = _nameservers(path)
+    if servers and all(str(a) == "127.0.0.53" for a in servers):
+        servers = _nameservers(resolved)
+    return [str(a) for a in servers if not a.is_loopback]
 
 
 # --- Docker: iptables chains ------------------------------------------------------------

@@ -121,3 +121,18 @@ def test_a_junk_egress_setting_is_refused_by_name(clean_env, env, value, words):
     clean_env.setenv(env, value)
     with pytest.raises(ConfigError, match=words):
         parse_config([])
+
+
+def test_egress_resolvers_follow_systemd_resolved_as_dockerd_does(tmp_path):
+    """Found by review: on a systemd-resolved host /etc/resolv.conf lists only 127.0.0.53
+    and dockerd forwards to the upstream servers of /run/systemd/resolve/resolv.conf: those
+    must be the ones a desktop may query, or DNS breaks in egress "internet"."""
+    from agent_clients.egress import resolvers
+
+    stub, upstream, plain = tmp_path / "stub", tmp_path / "upstream", tmp_path / "plain"
+    stub.write_text("nameserver 127.0.0.53\noptions edns0\n")
+    upstream.write_text("nameserver 10.0.0.2\nnameserver 192.0.2.53\n")
+    plain.write_text("# comment\nnameserver 127.0.0.1\nnameserver 192.0.2.1\nnameserver not-an-ip\n")
+    assert resolvers(str(stub), str(upstream)) == ["10.0.0.2", "192.0.2.53"]
+    assert resolvers(str(plain), str(upstream)) == ["192.0.2.1"]
+    assert resolvers(str(tmp_path / "missing"), str(upstream)) == []
