@@ -14,6 +14,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from agent_clients.backends.base import DEFAULT_MIN_CPU, DEFAULT_MIN_MEMORY_MB
+
 BACKENDS = {
     "docker": "agent_clients.docker_backend:DockerBackend",
     "kubernetes": "agent_clients.k8s_backend:KubernetesBackend",
@@ -58,8 +60,8 @@ class AgentConfig:
     egress_dns: str = ""  # comma-separated resolvers desktops may query (default: the host's resolv.conf)
     # The least CPU (cores) and memory (MB) a session may have here: checked again by every
     # backend, whatever the control plane sent, so that no limit rounds to "none".
-    session_min_cpu: float = 0.1
-    session_min_memory_mb: int = 64
+    session_min_cpu: float = DEFAULT_MIN_CPU
+    session_min_memory_mb: int = DEFAULT_MIN_MEMORY_MB
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property

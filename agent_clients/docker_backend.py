@@ -38,7 +38,14 @@ import requests.exceptions
 from docker.models.containers import Container
 
 from agent_clients import egress as eg
-from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
+from agent_clients.backends.base import (
+    DEFAULT_MIN_CPU,
+    DEFAULT_MIN_MEMORY_MB,
+    Backend,
+    BackendError,
+    SessionSpec,
+    SessionStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,6 @@ CREATE_RACE_RETRIES = 3  # a create that lost an object to a concurrent removal 
 
 # The agent's own floor (SESSION_MIN_CPU / SESSION_MIN_MEMORY_MB): below it a limit could
 # round to "none" (NanoCpus=0 means unlimited to the engine) or charge next to nothing.
-DEFAULT_MIN_CPU = 0.1
-DEFAULT_MIN_MEMORY_MB = 64
 # The session id becomes part of Docker object names: keep it to what Docker accepts.
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 # Exit codes of a container we stopped: 0 (our entrypoint traps SIGTERM) or 143 (128+SIGTERM).
@@ -395,15 +400,9 @@ class DockerBackend(Backend):
 
     def _egress_of(self, mode: str, allow: Any) -> tuple[str, tuple[eg.AllowRule, ...]]:
         try:
-            rules = (eg.check_mode(mode), eg.parse_allow(list(allow)))
+            return eg.check_policy(mode, allow, self.egress_proxy)
         except ValueError as exc:
             raise BackendError(f"invalid egress policy: {exc}", retryable=False) from None
-        if mode == "proxy" and self.egress_proxy is None:
-            raise BackendError(
-                "the template's egress is 'proxy' but this agent has no egress proxy (set EGRESS_PROXY=ip:port)",
-                retryable=False,
-            )
-        return rules
 
     # --- egress rules ------------------------------------------------------------------
 

@@ -127,6 +127,18 @@ def parse_proxy(raw: str | None) -> tuple[str, int] | None:
         raise ValueError(f"EGRESS_PROXY must be an IPv4 address and port such as 10.0.0.5:3128, got {raw!r}") from None
 
 
+def check_policy(mode: str, allow: object, proxy: tuple[str, int] | None) -> tuple[str, tuple[AllowRule, ...]]:
+    """A template's (egress, egress_allow) for an agent with egress proxy ``proxy``: the mode
+    and the parsed entries, or ValueError saying what is wrong (both agents refuse a create
+    with it before anything is made)."""
+    rules = (check_mode(mode), parse_allow(list(allow) if isinstance(allow, (list, tuple)) else allow))
+    if mode == "proxy" and proxy is None:
+        raise ValueError(
+            "the template's egress is 'proxy' but this agent has no egress proxy (set EGRESS_PROXY=ip:port)"
+        )
+    return rules
+
+
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"egress must be one of {', '.join(MODES)}, got {mode!r}")

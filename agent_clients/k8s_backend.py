@@ -34,7 +34,14 @@ from kubernetes.client.exceptions import ApiException
 
 from agent_clients import egress as eg
 from agent_clients import k8s_manifests as m
-from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
+from agent_clients.backends.base import (
+    DEFAULT_MIN_CPU,
+    DEFAULT_MIN_MEMORY_MB,
+    Backend,
+    BackendError,
+    SessionSpec,
+    SessionStatus,
+)
 from agent_clients.config import env_value
 
 log = logging.getLogger(__name__)
@@ -131,8 +138,8 @@ class KubernetesBackend(Backend):
         watch_interval: float = 5.0,
         max_sessions: int = 0,
         egress_proxy: str | None = None,
-        min_cpu: float = m.DEFAULT_MIN_CPU,
-        min_memory_mb: int = m.DEFAULT_MIN_MEMORY_MB,
+        min_cpu: float = DEFAULT_MIN_CPU,
+        min_memory_mb: int = DEFAULT_MIN_MEMORY_MB,
     ) -> None:
         self.api_client = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
@@ -180,8 +187,8 @@ class KubernetesBackend(Backend):
             storage_class=env_value("K8S_STORAGE_CLASS") or None,
             max_sessions=getattr(cfg, "max_sessions", 0),
             egress_proxy=getattr(cfg, "egress_proxy", "") or None,
-            min_cpu=getattr(cfg, "session_min_cpu", m.DEFAULT_MIN_CPU),
-            min_memory_mb=getattr(cfg, "session_min_memory_mb", m.DEFAULT_MIN_MEMORY_MB),
+            min_cpu=getattr(cfg, "session_min_cpu", DEFAULT_MIN_CPU),
+            min_memory_mb=getattr(cfg, "session_min_memory_mb", DEFAULT_MIN_MEMORY_MB),
         )
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import re
 from typing import Any
 
 from agent_clients import egress as eg
-from agent_clients.backends.base import BackendError, SessionSpec
+from agent_clients.backends.base import DEFAULT_MIN_CPU, DEFAULT_MIN_MEMORY_MB, BackendError, SessionSpec
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "streamspace"
@@ -41,8 +41,8 @@ DEFAULT_HOME_SIZE = "10Gi"
 
 # The agent's own floor by default (SESSION_MIN_CPU / SESSION_MIN_MEMORY_MB): below it a
 # quantity could round to "0" (no request, no limit) or charge next to nothing.
-DEFAULT_MIN_CPU, MAX_CPU = 0.1, 64.0  # cores
-DEFAULT_MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 256 * 1024
+MAX_CPU = 64.0  # cores
+MAX_MEMORY_MB = 256 * 1024
 
 _NAME_PREFIX = "ss-"
 _LONGEST_SUFFIX = "-home"  # names are <base>, <base>-vnc, <base>-home
@@ -212,12 +212,9 @@ def validate(
     if not _QUANTITY_RE.match(home_size):
         raise bad(f"invalid home volume size {home_size!r}")
     try:
-        eg.check_mode(spec.egress)
-        eg.parse_allow(list(spec.egress_allow))
+        eg.check_policy(spec.egress, spec.egress_allow, egress_proxy)
     except ValueError as exc:
         raise bad(f"invalid egress policy: {exc}") from None
-    if spec.egress == "proxy" and egress_proxy is None:
-        raise bad("the template's egress is 'proxy' but this agent has no egress proxy (set EGRESS_PROXY=ip:port)")
 
 
 # DNS: the cluster's resolver (kube-dns / CoreDNS, label k8s-app=kube-dns in kube-system).

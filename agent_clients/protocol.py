@@ -79,12 +79,12 @@ class _Invalid(ValueError):
     """A field check's precise complaint (decode prefixes the message type and field)."""
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: never in an id
 
 
 def valid_id(v: Any) -> bool:
     """An id (agent, command, session, message): 1-255 characters, no control character."""
-    return isinstance(v, str) and 0 < len(v) <= 255 and not _CONTROL.search(v)
+    return isinstance(v, str) and 0 < len(v) <= 255 and not CONTROL.search(v)
 
 
 _str = valid_id
@@ -145,7 +145,7 @@ def _uuid(v: Any) -> bool:
 def _check_endpoint(entry: dict) -> None:
     """The VNC endpoint an agent reports (in a result or a session report) fits its columns."""
     host, port = entry.get("vnc_host"), entry.get("vnc_port")
-    if host is not None and not (isinstance(host, str) and len(host) <= 255 and not _CONTROL.search(host)):
+    if host is not None and not (isinstance(host, str) and len(host) <= 255 and not CONTROL.search(host)):
         raise _Invalid("vnc_host must be a host name of at most 255 characters")
     if port is not None and not (_int(port) and port <= 65535):
         raise _Invalid("vnc_port must be a port number (0-65535)")

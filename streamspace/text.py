@@ -13,10 +13,10 @@ import re
 from django.core.exceptions import ValidationError
 from rest_framework import serializers
 
-from agent_clients.protocol import MAX_DEPTH, UNSTORABLE, unstorable_in  # NUL and lone surrogates
+from agent_clients.protocol import CONTROL, MAX_DEPTH, UNSTORABLE, unstorable_in  # NUL and lone surrogates
 
-# Every C0 control character, DEL and the C1 controls, with the unstorable ones.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Every C0 control character, DEL and the C1 controls (protocol.CONTROL), with the unstorable ones.
+_CONTROL = re.compile(f"{CONTROL.pattern}|{UNSTORABLE.pattern}")
 
 
 def unstorable_text(value: str) -> bool:

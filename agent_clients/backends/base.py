@@ -28,6 +28,12 @@ class BackendError(Exception):
         self.detail = detail or message
 
 
+# The least CPU (cores) and memory (MB) an agent runs a session with unless told otherwise
+# (SESSION_MIN_CPU, SESSION_MIN_MEMORY_MB): the control plane's defaults too.
+DEFAULT_MIN_CPU = 0.1
+DEFAULT_MIN_MEMORY_MB = 64
+
+
 @dataclass(frozen=True)
 class SessionSpec:
     """What a create_session command asks for, parsed from its payload."""
