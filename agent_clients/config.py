@@ -62,6 +62,7 @@ class AgentConfig:
     # backend, whatever the control plane sent, so that no limit rounds to "none".
     session_min_cpu: float = DEFAULT_MIN_CPU
     session_min_memory_mb: int = DEFAULT_MIN_MEMORY_MB
+    log_format: str = "text"  # or "json": one object per line (agent_clients/logfmt.py)
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -138,6 +139,15 @@ def _ipv4_list(name: str, raw: str) -> str:
         raise ConfigError(f"{name} must be comma-separated IPv4 addresses, got {raw!r} ({exc})") from None
 
 
+def _log_format(name: str, raw: str) -> str:
+    from agent_clients.logfmt import parse_format
+
+    try:
+        return parse_format(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 # flag name -> (environment variable, parser or None for strings)
 _SETTINGS = {
     "agent_id": ("AGENT_ID", None),
@@ -166,6 +176,7 @@ _SETTINGS = {
     "egress_dns": ("EGRESS_DNS", _ipv4_list),
     "session_min_cpu": ("SESSION_MIN_CPU", _cores),
     "session_min_memory_mb": ("SESSION_MIN_MEMORY_MB", _megabytes),
+    "log_format": ("LOG_FORMAT", _log_format),
 }
 
 

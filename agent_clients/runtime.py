@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent_clients import protocol
+from agent_clients import logfmt, protocol
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
 from agent_clients.config import BACKENDS, LEADERSHIPS, AgentConfig, ConfigError, import_dotted, parse_config
 from agent_clients.deadlines import within
@@ -448,8 +448,10 @@ class Agent:
             except protocol.ProtocolError as exc:
                 log.warning("ignoring an invalid control frame: %s", exc.reason)
                 continue
-            try:
-                self._dispatch(message, tunnels)
+            p = message.payload
+            try:  # the ids of the command and session it names: in its lines and those of the tasks it starts
+                with logfmt.log_context(command_id=p.get("command_id"), session_id=p.get("session_id")):
+                    self._dispatch(message, tunnels)
             except Exception:
                 log.exception("handling a %s message failed", message.type)
 
@@ -825,7 +827,8 @@ class Agent:
                     break
                 if self._events and self._events[0] is status:
                     self._events.popleft()
-                log.info("session %s is %s (event sent)", status.session_id, status.state)
+                with logfmt.log_context(session_id=status.session_id):
+                    log.info("session %s is %s (event sent)", status.session_id, status.state)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:
@@ -849,13 +852,13 @@ def _build(path: str, cfg: AgentConfig) -> Any:
 
 def main(argv: list[str] | None = None, *, default_backend: str | None = None) -> int:
     """Run an agent until SIGTERM/SIGINT. Returns the process exit code."""
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         cfg = parse_config(argv, default_backend=default_backend)
+    except ConfigError as exc:
+        print(f"streamspace-agent: {exc}", file=sys.stderr)
+        return 2
+    logfmt.configure(cfg.log_format, os.environ.get("LOG_LEVEL", "INFO"), agent_id=cfg.agent_id)
+    try:
         backend = _build(BACKENDS.get(cfg.backend, cfg.backend), cfg)
         leadership = _build(LEADERSHIPS[cfg.ha_backend], cfg)
     except ConfigError as exc:

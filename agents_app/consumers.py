@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import transaction
 
 from agent_clients import protocol
+from agent_clients.logfmt import log_context
 from agents_app import commands, selectors, services
 from sessions_app import selectors as session_selectors
 from vnc_app import relay
@@ -119,7 +120,8 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         relay.register(self)
         if previous:
             await self._tell(previous, {"type": "agent.replaced"})
-        log.info("agent %s connected", self.agent_id)
+        with log_context(agent_id=self.agent_id):  # known from here on: dispatch sets it for every later frame
+            log.info("agent %s connected", self.agent_id)
 
     async def _refuse(self, code: int, reason: str) -> None:
         await self.send(text_data=protocol.encode("error", {"reason": reason, "ref": None}))
@@ -152,22 +154,24 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         """Whatever a handler raises (outages aside: relay.DirectDispatch closes those with
         4503) closes the socket with 4500 and a reason instead of killing the consumer, so
         ``disconnect`` still runs and clears the channel name. The agent reconnects; its
-        hello resynchronises everything, whatever state the failure left behind."""
-        try:
-            await super().dispatch(message)
-        except StopConsumer:
-            raise
-        except Exception:
-            kind = message["type"]
-            if kind == "websocket.disconnect":
+        hello resynchronises everything, whatever state the failure left behind.
+        Every log line of the socket carries the agent's id (structured logs)."""
+        with log_context(agent_id=self.agent_id):
+            try:
+                await super().dispatch(message)
+            except StopConsumer:
                 raise
-            what = self.handling or kind
-            log.exception("agent %s: handling %s failed", self.agent_id or "(connecting)", what)
-            if not self.accepted:
-                await self.accept()
-            await self._refuse(protocol.CLOSE_INTERNAL_ERROR, f"internal error handling {what[:40]}; reconnect")
-        finally:
-            self.handling = ""
+            except Exception:
+                kind = message["type"]
+                if kind == "websocket.disconnect":
+                    raise
+                what = self.handling or kind
+                log.exception("agent %s: handling %s failed", self.agent_id or "(connecting)", what)
+                if not self.accepted:
+                    await self.accept()
+                await self._refuse(protocol.CLOSE_INTERNAL_ERROR, f"internal error handling {what[:40]}; reconnect")
+            finally:
+                self.handling = ""
 
     async def disconnect(self, code):
         if self.agent_pk is None:
@@ -196,8 +200,10 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             return
         handler = getattr(self, f"on_{message.type}")
         self.handling = message.type
+        p = message.payload  # an answer's command id, a session event's session id, in the lines it causes
         try:
-            await handler(message)
+            with log_context(command_id=p.get("command_id"), session_id=p.get("session_id")):
+                await handler(message)
         except services.Superseded as exc:
             log.warning("agent %s: refused a %s from a replaced connection", self.agent_id, message.type)
             await self._refuse(protocol.CLOSE_REPLACED, exc.message)

@@ -306,6 +306,7 @@ def command_complete(*, agent_pk: int, channel_name: str, command_id: str, resul
     AgentCommand.objects.filter(pk=command.pk).update(
         status=AgentCommand.Status.COMPLETED, result=result, completed_at=timezone.now()
     )
+    log.info("command %s %s completed (execution %d)", command_id, command.type, execution)
     session_services.session_on_command_completed(command=command, result=result)
 
 
@@ -339,6 +340,7 @@ def command_fail(
     AgentCommand.objects.filter(pk=command.pk).update(
         status=AgentCommand.Status.FAILED, error_message=error[:4000], completed_at=timezone.now()
     )
+    log.info("command %s %s failed (execution %d): %s", command_id, command.type, execution, error[:200])
     session_services.session_on_command_failed(command=command, error=error)
 
 

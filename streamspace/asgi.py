@@ -9,17 +9,20 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import path, re_path  # noqa: E402
 
 from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from streamspace import body_limit, daphne_close_reason, log_redaction  # noqa: E402
+from streamspace import body_limit, daphne_close_reason, log_redaction, structured_logs  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
 daphne_close_reason.apply()
 body_limit.apply()
 log_redaction.apply_to_daphne_access_log()  # no ?token= value in Daphne's access log
+if settings.LOG_FORMAT == "json":
+    structured_logs.daphne_access_log_as_records()
 
 
 async def no_such_socket(scope, receive, send):
@@ -40,4 +43,6 @@ websocket_routes = URLRouter(
     ]
 )
 
-application = ProtocolTypeRouter({"http": body_limit.BodyLimit(django_asgi_app), "websocket": websocket_routes})
+# RequestId outermost: a request refused by BodyLimit has its id too.
+http = structured_logs.RequestId(body_limit.BodyLimit(django_asgi_app))
+application = ProtocolTypeRouter({"http": http, "websocket": websocket_routes})

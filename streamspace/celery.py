@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import beat_init
+from celery.signals import after_setup_logger, after_setup_task_logger, beat_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "streamspace.settings")
 
@@ -38,3 +38,20 @@ def sweep_once_at_start(sender, **kwargs):
     one period): a fresh start is swept at once and /readyz sees every sweep run."""
     for task in sweep_periods():
         app.send_task(task)
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def json_logs(logger, **kwargs):
+    """With LOG_FORMAT=json, Celery's handlers (worker, beat, task loggers) write what the
+    web processes do: one JSON object per line, ``?token=`` values redacted."""
+    from django.conf import settings
+
+    if settings.LOG_FORMAT != "json":
+        return
+    from agent_clients.logfmt import JsonFormatter
+    from streamspace.log_redaction import RedactQueryTokens
+
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter())
+        handler.addFilter(RedactQueryTokens())

@@ -297,25 +297,40 @@ if not DEBUG:
 
 X_FRAME_OPTIONS = "DENY"  # for browsers without CSP frame-ancestors
 
+# text (the default) or json: one object per line with the request, agent, command and
+# session ids that apply (agent_clients/logfmt.py, shared with the agents).
+LOG_FORMAT = env_str("LOG_FORMAT", "text").strip().lower()
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, got {LOG_FORMAT!r}")
+_LOG_FORMATTER = "json" if LOG_FORMAT == "json" else "plain"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "agent_clients.logfmt.JsonFormatter"},
+    },
     "filters": {
         "one_line": {"()": "streamspace.logs.ExceptionAsOneLine"},
         # ?token=... in a logged URL: its value is never written (streamspace/log_redaction.py).
         "redact_tokens": {"()": "streamspace.log_redaction.RedactQueryTokens"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact_tokens"]},
+        "console": {"class": "logging.StreamHandler", "formatter": _LOG_FORMATTER, "filters": ["redact_tokens"]},
         "console_one_line": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": _LOG_FORMATTER,
             "filters": ["one_line", "redact_tokens"],
         },
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
+        # No handler of Django's own: its console handler (DEBUG on) printed every django.*
+        # line a second time, as plain text and unredacted. INFO whatever LOG_LEVEL says:
+        # django.db.backends' DEBUG lines are SQL with its parameters (VNC passwords, session keys).
+        "django": {"level": "INFO"},
+        # Daphne's access log with LOG_FORMAT=json (streamspace/structured_logs.py).
+        "streamspace.access": {"level": "INFO"},
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
         # Redis unreachable: one line a second from channels-redis, not a traceback (see streamspace/logs.py).

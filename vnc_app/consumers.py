@@ -17,6 +17,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from agent_clients import protocol
+from agent_clients.logfmt import log_context
 from sessions_app import selectors
 from sessions_app import services as session_services
 from sessions_app.states import State
@@ -54,6 +55,11 @@ def _load(user, session_id):
 class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
     tunnel_id: int | None = None
     connection_pk: int | None = None
+    session_id = None  # the session's UUID once connect has found it
+
+    async def dispatch(self, message):
+        with log_context(session_id=self.session_id):  # every log line of the socket names its session
+            await super().dispatch(message)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -111,6 +117,8 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             },
         )
         self.open_timer = asyncio.create_task(self._open_deadline())
+        with log_context(session_id=self.session_id):
+            log.info("viewer of %s connected: tunnel %s", self.session_id, self.tunnel_id)
 
     async def _open_deadline(self):
         await asyncio.sleep(OPEN_TIMEOUT)
@@ -144,6 +152,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             )
         except relay.LayerUnavailable as exc:  # the agent's process releases it (relay.LayerWatch)
             log.info("viewer of %s: could not release tunnel %s: %s", self.session_id, self.tunnel_id, exc)
+        log.info("viewer of %s closed tunnel %s: %s", self.session_id, self.tunnel_id, reason)
         self.tunnel_id = None
         await database_sync_to_async(services.vnc_connection_close)(
             connection_pk=self.connection_pk,

@@ -41,6 +41,7 @@ SAMPLES = {
     "egress_dns": ("192.0.2.53, 198.51.100.53", "192.0.2.53,198.51.100.53"),
     "session_min_cpu": ("0.25", 0.25),
     "session_min_memory_mb": ("128", 128),
+    "log_format": ("JSON", "json"),
 }
 
 
