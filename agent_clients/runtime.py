@@ -745,10 +745,11 @@ class Agent:
         still running); on timeout the last known values stay and the listing goes on."""
         if self._refresh is None or self._refresh.done():
 
-            def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
+            def list_sessions_and_capacity() -> tuple[list[SessionStatus], dict[str, Any]]:
                 return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
 
-            self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
+            # single-flight, own thread
+            self._refresh = asyncio.ensure_future(self._thread_call(list_sessions_and_capacity))
             self._refresh.add_done_callback(self._refreshed)
         elif timeout is None:
             log.debug("backend still listing sessions: reporting the last known list")
