@@ -14,12 +14,13 @@ MISSED_RUNS = 3
 
 
 def sweep_run_record(*, name: str, changes: dict | None = None) -> None:
-    """One more run of the sweep ``name``; ``changes`` (what it changed: counts by kind) is
-    added to its totals. Durable counters: /metrics reads them (streamspace/metrics.py)."""
+    """One more run of the sweep ``name``; ``changes`` (what it changed: counts by kind; a
+    sweep returning anything else counts its run only) is added to its totals. Durable
+    counters: /metrics reads them (streamspace/metrics.py)."""
     with transaction.atomic():
         run, _ = SweepRun.objects.select_for_update().get_or_create(name=name, defaults={"finished_at": timezone.now()})
         totals = dict(run.changes)
-        for kind, count in (changes or {}).items():
+        for kind, count in (changes if isinstance(changes, dict) else {}).items():
             if isinstance(count, int) and not isinstance(count, bool):
                 totals[kind] = totals.get(kind, 0) + count
         run.runs += 1

@@ -136,3 +136,11 @@ def test_unfinished_commands_and_sessions_not_yet_running_are_not_observed(clien
     assert not [k for k in found if k[0] == "streamspace_commands_total"]
     assert value(found, "streamspace_session_create_to_running_seconds_count") == 0
     assert value(found, "streamspace_sessions_idle") == 0
+
+
+def test_a_sweep_that_reports_no_changes_still_counts_its_runs(client, metrics_token):
+    for _ in range(2):
+        sweep_run_record(name="agents_app.tasks.sweep_lifecycle", changes=None)
+    found = scrape(client)
+    assert value(found, "streamspace_sweep_runs_total", sweep="sweep_lifecycle") == 2
+    assert not [k for k in found if k[0] == "streamspace_sweep_changes_total"]
