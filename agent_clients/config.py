@@ -63,6 +63,8 @@ class AgentConfig:
     session_min_cpu: float = DEFAULT_MIN_CPU
     session_min_memory_mb: int = DEFAULT_MIN_MEMORY_MB
     log_format: str = "text"  # or "json": one object per line (agent_clients/logfmt.py)
+    metrics_port: int = 0  # serve Prometheus metrics on this port (0: off)
+    metrics_bind: str = "127.0.0.1"  # the address the metrics port listens on
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -148,6 +150,20 @@ def _log_format(name: str, raw: str) -> str:
         raise ConfigError(str(exc)) from None
 
 
+def _port(name: str, raw: str) -> int:
+    value = _positive_int(name, raw)
+    if value > 65535:
+        raise ConfigError(f"{name} must be a TCP port (1-65535), got {raw!r}")
+    return value
+
+
+def _ip_address(name: str, raw: str) -> str:
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise ConfigError(f"{name} must be an IP address such as 127.0.0.1 or 0.0.0.0, got {raw!r}") from None
+
+
 # flag name -> (environment variable, parser or None for strings)
 _SETTINGS = {
     "agent_id": ("AGENT_ID", None),
@@ -177,6 +193,8 @@ _SETTINGS = {
     "session_min_cpu": ("SESSION_MIN_CPU", _cores),
     "session_min_memory_mb": ("SESSION_MIN_MEMORY_MB", _megabytes),
     "log_format": ("LOG_FORMAT", _log_format),
+    "metrics_port": ("METRICS_PORT", _port),
+    "metrics_bind": ("METRICS_BIND", _ip_address),
 }
 
 

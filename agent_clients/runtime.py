@@ -49,6 +49,7 @@ from agent_clients.backends.base import Backend, BackendError, SessionSpec, Sess
 from agent_clients.config import BACKENDS, LEADERSHIPS, AgentConfig, ConfigError, import_dotted, parse_config
 from agent_clients.deadlines import within
 from agent_clients.leadership import Leadership
+from agent_clients.metrics import AgentMetrics
 from agent_clients.tunnels import TunnelManager
 
 log = logging.getLogger("agent_clients.runtime")
@@ -147,7 +148,10 @@ class Agent:
         self._unknown_logged: set[str] = set()
         self.gc_rounds = 0
 
-        # observable counters (tests, logs)
+        # observable counters (tests, logs); Prometheus series on METRICS_PORT (agent_clients/metrics.py)
+        self.metrics = AgentMetrics()
+        self.metrics.tunnels_open.set_function(lambda: len(self.tunnels) if self.tunnels is not None else 0)
+        self.metrics.connected.set_function(lambda: 1 if self._ws is not None else 0)
         self.connections = 0
         self.connect_attempts = 0
         self.reconnect_delays: list[float] = []
@@ -184,6 +188,8 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self.request_shutdown)
+        if self.cfg.metrics_port:
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_bind)
         watcher = self._start_watch()
         connection_loop = asyncio.create_task(self._connection_loop(), name="agent-connection")
         events = asyncio.create_task(self._event_sender(), name="agent-events")
@@ -210,6 +216,7 @@ class Agent:
                 await within(5, self.leadership.release())
             with contextlib.suppress(Exception):
                 await within(5, asyncio.to_thread(self.backend.close))
+            self.metrics.close()
             if self.install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     with contextlib.suppress(Exception):
@@ -347,6 +354,7 @@ class Agent:
             self.backend,
             lambda type_, payload: self._send_on(ws, type_, payload),
             lambda frame: self._send_raw(ws, frame),
+            metrics=self.metrics,
         )
         tasks: list[asyncio.Task] = []
         try:
@@ -551,12 +559,14 @@ class Agent:
             result = await self._execute(type_, session_id, p.get("payload") or {})
             answer = ("complete", {"command_id": command_id, "execution": execution, "result": result})
             outcome = "completed"
+            self.metrics.commands.labels(type_, "completed").inc()
         except BackendError as exc:
             answer = (
                 "failed",
                 {"command_id": command_id, "execution": execution, "error": exc.message, "retryable": exc.retryable},
             )
             outcome = f"failed ({'retryable' if exc.retryable else 'permanent'}): {exc.detail}"
+            self.metrics.commands.labels(type_, "failed").inc()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -566,6 +576,7 @@ class Agent:
                 {"command_id": command_id, "execution": execution, "error": "internal agent error", "retryable": True},
             )
             outcome = "failed (internal error)"
+            self.metrics.commands.labels(type_, "failed").inc()
         log.info(
             "command %s %s %s (execution %d) → %s in %.1fs",
             command_id,
@@ -617,10 +628,12 @@ class Agent:
     async def _thread_call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
+        timer = self.metrics.backend_calls.labels(getattr(fn, "__name__", "call")).time()
 
         def target() -> None:
             try:
-                outcome = (_set_result, fn(*args, **kwargs))
+                with timer:
+                    outcome = (_set_result, fn(*args, **kwargs))
             except BaseException as exc:  # handed to the awaiting task
                 outcome = (_set_exception, exc)
             with contextlib.suppress(RuntimeError):  # the loop is gone (process exiting)
@@ -738,10 +751,11 @@ class Agent:
         still running); on timeout the last known values stay and the listing goes on."""
         if self._refresh is None or self._refresh.done():
 
-            def probe() -> tuple[list[SessionStatus], dict[str, Any]]:
+            def list_sessions_and_capacity() -> tuple[list[SessionStatus], dict[str, Any]]:
                 return list(self.backend.list_sessions()), dict(self.backend.capacity() or {})
 
-            self._refresh = asyncio.ensure_future(self._thread_call(probe))  # single-flight, own thread
+            # single-flight, own thread
+            self._refresh = asyncio.ensure_future(self._thread_call(list_sessions_and_capacity))
             self._refresh.add_done_callback(self._refreshed)
         elif timeout is None:
             log.debug("backend still listing sessions: reporting the last known list")

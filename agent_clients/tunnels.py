@@ -192,8 +192,11 @@ class TunnelManager:
     (through the agent's single writer); the manager never writes to the socket itself.
     """
 
-    def __init__(self, backend: Any, send_text: SendText, send_bytes: SendBytes, *, window: int | None = None):
+    def __init__(
+        self, backend: Any, send_text: SendText, send_bytes: SendBytes, *, window: int | None = None, metrics=None
+    ):
         self.backend = backend
+        self.metrics = metrics  # agent_clients.metrics.AgentMetrics, or None
         self.send_text = send_text
         self.send_bytes = send_bytes
         self.window = window or protocol.TUNNEL_WINDOW
@@ -247,6 +250,8 @@ class TunnelManager:
             self._close_soon(tunnel, None, notify=False)
             return
         tunnel.start()
+        if self.metrics is not None:
+            self.metrics.tunnels_opened.inc()
         log.info("tunnel %s open to session %s (%d open)", tunnel.id, tunnel.session_id, len(self.tunnels))
 
     def data(self, tunnel_id: int, data: bytes) -> None:
@@ -288,6 +293,7 @@ class TunnelManager:
             return
         del self.tunnels[tunnel.id]
         tunnel.closed = True
+        self._count_bytes(tunnel)
         log.info(
             "tunnel %s closed%s: %s (in %d B, out %d B)",
             tunnel.id,
@@ -304,11 +310,18 @@ class TunnelManager:
 
         self._spawn(finish())
 
+    def _count_bytes(self, tunnel: Tunnel) -> None:
+        if self.metrics is not None:
+            self.metrics.tunnel_bytes.labels("to_desktop").inc(tunnel.bytes_in)
+            self.metrics.tunnel_bytes.labels("from_desktop").inc(tunnel.bytes_out)
+
     async def close_all(self, reason: str = "control connection closed") -> None:
         """Close every tunnel's TCP connection (the control socket is gone or closing)."""
         self.closed = True
         tunnels = list(self.tunnels.values())
         self.tunnels.clear()
+        for tunnel in tunnels:
+            self._count_bytes(tunnel)
         if tunnels:
             log.info("closing %d tunnel(s): %s", len(tunnels), reason)
         await asyncio.gather(*(t.shutdown() for t in tunnels), return_exceptions=True)

@@ -130,10 +130,13 @@ class AgentCommand(models.Model):
 
 class SweepRun(models.Model):
     """When each periodic sweep last finished: the sweeps' own heartbeat, read by /readyz,
-    so a dead Celery beat (or worker) is visible instead of silent."""
+    so a dead Celery beat (or worker) is visible instead of silent. ``runs`` and
+    ``changes`` (what the sweep changed, totals by kind) are the counters /metrics exports."""
 
     name = models.CharField(max_length=100, primary_key=True)
     finished_at = models.DateTimeField()
+    runs = models.PositiveBigIntegerField(default=0)
+    changes = models.JSONField(default=dict, blank=True)
 
     def __str__(self):
         return f"{self.name} at {self.finished_at:%Y-%m-%d %H:%M:%S}"

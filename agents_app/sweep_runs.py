@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from agents_app.models import SweepRun
@@ -12,8 +13,20 @@ from agents_app.models import SweepRun
 MISSED_RUNS = 3
 
 
-def sweep_run_record(*, name: str) -> None:
-    SweepRun.objects.update_or_create(name=name, defaults={"finished_at": timezone.now()})
+def sweep_run_record(*, name: str, changes: dict | None = None) -> None:
+    """One more run of the sweep ``name``; ``changes`` (what it changed: counts by kind; a
+    sweep returning anything else counts its run only) is added to its totals. Durable
+    counters: /metrics reads them (streamspace/metrics.py)."""
+    with transaction.atomic():
+        run, _ = SweepRun.objects.select_for_update().get_or_create(name=name, defaults={"finished_at": timezone.now()})
+        totals = dict(run.changes)
+        for kind, count in (changes if isinstance(changes, dict) else {}).items():
+            if isinstance(count, int) and not isinstance(count, bool):
+                totals[kind] = totals.get(kind, 0) + count
+        run.runs += 1
+        run.changes = totals
+        run.finished_at = timezone.now()
+        run.save(update_fields=["runs", "changes", "finished_at"])
 
 
 def sweeps_overdue(periods: dict[str, float]) -> list[str]:

@@ -17,7 +17,7 @@ def sweep_task(func):
     @functools.wraps(func)
     def run():
         result = func()
-        sweep_runs.sweep_run_record(name=name)
+        sweep_runs.sweep_run_record(name=name, changes=result)
         return result
 
     return run

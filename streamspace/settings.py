@@ -157,6 +157,8 @@ CELERY_TIMEZONE = "UTC"
 
 # Agents and commands
 AGENT_BOOTSTRAP_TOKEN = env_str("AGENT_BOOTSTRAP_TOKEN")
+# Bearer token for /metrics (streamspace/metrics.py); empty: the endpoint is disabled (403).
+METRICS_TOKEN = env_str("METRICS_TOKEN")
 AGENT_HEARTBEAT_INTERVAL = env_seconds("AGENT_HEARTBEAT_INTERVAL", 10)
 AGENT_MISSED_HEARTBEATS = env_int("AGENT_MISSED_HEARTBEATS", 3, minimum=1)
 COMMAND_ACK_TIMEOUT = env_seconds("COMMAND_ACK_TIMEOUT", 15)

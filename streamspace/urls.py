@@ -5,7 +5,7 @@ from rest_framework_simplejwt.views import TokenRefreshView
 
 from agents_app import api as agents_api
 from sessions_app import api as sessions_api
-from streamspace import health
+from streamspace import health, metrics
 from streamspace.login_throttle import TokenObtainView
 
 api_v1 = [
@@ -34,6 +34,7 @@ urlpatterns = [
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("healthz/sweeps", health.sweeps),
+    path("metrics", metrics.metrics, name="metrics"),
     path("", include("sessions_app.urls")),
     path("", include("vnc_app.urls")),
 ]

@@ -200,6 +200,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         pending, self.pending = self.pending, []
         for data in pending:
             await self._forward(data)
+        await database_sync_to_async(services.vnc_connection_tunnel_ready)(connection_pk=self.connection_pk)
 
     async def tunnel_data(self, event):
         if self.tunnel_id is None:

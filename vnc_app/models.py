@@ -9,6 +9,8 @@ class VNCConnection(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True)
     client_address = models.CharField(max_length=64, blank=True, default="")
     opened_at = models.DateTimeField(auto_now_add=True)
+    # When the agent reported the tunnel open (the tunnel open latency is this minus opened_at).
+    tunnel_ready_at = models.DateTimeField(null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True)
     bytes_to_client = models.BigIntegerField(default=0)
     bytes_from_client = models.BigIntegerField(default=0)

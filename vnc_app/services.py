@@ -11,6 +11,10 @@ def vnc_connection_open(*, session_id, user_id: int, client_address: str) -> int
     return VNCConnection.objects.create(session_id=session_id, user_id=user_id, client_address=client_address[:64]).pk
 
 
+def vnc_connection_tunnel_ready(*, connection_pk: int) -> None:
+    VNCConnection.objects.filter(pk=connection_pk, tunnel_ready_at__isnull=True).update(tunnel_ready_at=timezone.now())
+
+
 def vnc_connection_close(*, connection_pk: int, bytes_to_client: int, bytes_from_client: int, reason: str) -> None:
     VNCConnection.objects.filter(pk=connection_pk, closed_at__isnull=True).update(
         closed_at=timezone.now(),

@@ -42,6 +42,8 @@ SAMPLES = {
     "session_min_cpu": ("0.25", 0.25),
     "session_min_memory_mb": ("128", 128),
     "log_format": ("JSON", "json"),
+    "metrics_port": ("9464", 9464),
+    "metrics_bind": ("0.0.0.0", "0.0.0.0"),
 }
 
 
@@ -137,3 +139,22 @@ def test_egress_resolvers_follow_systemd_resolved_as_dockerd_does(tmp_path):
     assert resolvers(str(stub), str(upstream)) == ["10.0.0.2", "192.0.2.53"]
     assert resolvers(str(plain), str(upstream)) == ["192.0.2.1"]
     assert resolvers(str(tmp_path / "missing"), str(upstream)) == []
+
+
+@pytest.mark.parametrize(
+    "env,value,words",
+    [
+        ("METRICS_PORT", "70000", "METRICS_PORT must be a TCP port"),
+        ("METRICS_PORT", "-1", "METRICS_PORT must be positive"),
+        ("METRICS_BIND", "localhost", "METRICS_BIND must be an IP address"),
+    ],
+)
+def test_a_junk_metrics_setting_is_refused_by_name(clean_env, env, value, words):
+    clean_env.setenv(env, value)
+    with pytest.raises(ConfigError, match=words):
+        parse_config([])
+
+
+def test_the_metrics_port_is_off_unless_configured(clean_env):
+    cfg = parse_config([])
+    assert cfg.metrics_port == 0 and cfg.metrics_bind == "127.0.0.1"

@@ -31,6 +31,7 @@ from tests.live import ControlPlane, agent_process, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
+METRICS_TOKEN = "chaos-metrics-token-0123456789"
 SESSION_COOKIE = "sessionid=" + "a" * 32  # a well-formed key: the session middleware looks it up
 
 KILL_BACKENDS = """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -81,7 +82,9 @@ def server_errors(results) -> list[str]:
 @pytest.fixture
 def stack(alice, tmp_path):
     Template.objects.create(slug="desktop", name="Desktop", image="img:1", default_cpu=0.1, default_memory_mb=64)
-    cp = ControlPlane("daphne-dbkill", QUOTA_DEFAULT_MAX_SESSIONS="500", DATABASE_POOL_TIMEOUT="1").start()
+    cp = ControlPlane(
+        "daphne-dbkill", QUOTA_DEFAULT_MAX_SESSIONS="500", DATABASE_POOL_TIMEOUT="1", METRICS_TOKEN=METRICS_TOKEN
+    ).start()
     _, token, _ = agent_register(agent_id="dbkill-agent", platform="docker", region="test")
     agent = agent_process(
         cp, "dbkill-agent", token, backend="tests.support.file_backend:FileBackend",
@@ -175,6 +178,9 @@ def test_a_database_outage_answers_503_everywhere_closes_agent_sockets_with_a_re
             assert "The service is temporarily unavailable" in html and "Traceback" not in html, html[:500]
         status, ctype, text = call(cp, "GET", "/readyz")
         assert status == 503 and json.loads(text)["checks"]["database"].startswith("error")
+        # every metric comes from the database: the scrape fails visibly, with the reason
+        status, ctype, text = call(cp, "GET", "/metrics", METRICS_TOKEN)
+        assert status == 503 and json.loads(text)["error"] == "database_unavailable", (status, text[:300])
 
         # The agent's next heartbeat cannot be written: its socket closes with a reason.
         wait_for(lambda: "4503: control plane database unavailable" in agent.output(), 15, 0.1,
@@ -189,5 +195,6 @@ def test_a_database_outage_answers_503_everywhere_closes_agent_sockets_with_a_re
              20, 0.2, what=f"agent connected again\n{agent.output()}")  # fmt: skip
     status, _, text = call(cp, "POST", "/api/v1/sessions", token, {"template": "desktop"})
     assert status == 201, text
+    assert call(cp, "GET", "/metrics", METRICS_TOKEN)[0] == 200
     assert agent.alive
     assert_no_crash(cp, agent)
