@@ -176,8 +176,7 @@ def session_warning(session: Session, *, now: datetime | None = None) -> dict | 
             "action": TERMINATE,
             "at": end,
             "seconds_left": max(0.0, (end - now).total_seconds()),
-            "detail": f"This session reaches its maximum lifetime ({human_duration(policy.max_lifetime)}) "
-            "and will be terminated.",
+            "detail": f"This session reaches its maximum lifetime of {human_duration(policy.max_lifetime)}.",
             "can_stay": False,
         }
     act_at = idle_action_at(session, policy)
@@ -186,7 +185,7 @@ def session_warning(session: Session, *, now: datetime | None = None) -> dict | 
             "action": policy.idle_action,
             "at": act_at,
             "seconds_left": max(0.0, (act_at - now).total_seconds()),
-            "detail": f"No input for a while: this desktop will be {_past(policy.idle_action)}.",
+            "detail": "No key or mouse input for a while.",
             "can_stay": True,
         }
     return None

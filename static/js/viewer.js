@@ -101,7 +101,7 @@ function showWarning(warning) {
   const verb = warning.action === "terminate" ? "terminated" : "hibernated";
   const tick = () => {
     const left = Math.max(0, Math.ceil((warningDue - Date.now()) / 1000));
-    warningText.textContent = `${warning.detail} It will be ${verb} in ${left} s.`;
+    warningText.textContent = `${warning.detail} This desktop will be ${verb} in ${left} s.`;
   };
   tick();
   warningTimer = setInterval(tick, 1000);

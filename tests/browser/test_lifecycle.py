@@ -73,7 +73,7 @@ def test_an_open_viewer_without_input_is_warned_then_hibernated(
     viewer.wait_for_function(IDLE_WARNING_SHOWN, timeout=20_000)
     warning = viewer.get_by_role("alertdialog", name="Still there?")
     assert warning.is_visible()
-    assert "will be hibernated" in warning.inner_text()
+    assert "This desktop will be hibernated in" in warning.inner_text()
     assert viewer.get_by_role("button", name="Stay").is_visible()
     # ... then the session is hibernated, and the viewer says why.
     viewer.wait_for_function("() => window.streamspaceViewer.state === 'hibernated'", timeout=30_000)
