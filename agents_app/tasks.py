@@ -8,6 +8,7 @@ import functools
 from celery import shared_task
 
 from agents_app import sweep_runs, sweeps
+from sessions_app import lifecycle
 
 
 def sweep_task(func):
@@ -36,3 +37,8 @@ def sweep_commands():
 @sweep_task
 def sweep_stuck_sessions():
     return sweeps.sweep_stuck_sessions()
+
+
+@sweep_task
+def sweep_lifecycle():
+    return lifecycle.sweep_lifecycle()

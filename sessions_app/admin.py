@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.utils.html import format_html, format_html_join
 
 from sessions_app import services
-from sessions_app.models import Quota, Session, SessionEvent, Template
+from sessions_app.models import GroupPolicy, Quota, Session, SessionEvent, Template
 from sessions_app.states import IllegalTransition, State
 from streamspace.admin_saving import SaveChangedFieldsOnly
 from streamspace.errors import ServiceError
@@ -16,6 +16,19 @@ class TemplateAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "platform", "region", "egress"]
     search_fields = ["slug", "name", "image"]
     prepopulated_fields = {"slug": ["name"]}
+    fieldsets = [
+        (None, {"fields": [
+            "slug", "name", "description", "image", "vnc_port", "default_cpu", "default_memory_mb", "env",
+            "volume_mount_path", "enabled", "platform", "region", "egress", "egress_allow",
+        ]}),
+        ("Lifecycle policy (empty: the environment's default; a group's policy overrides)",
+         {"fields": ["idle_timeout", "idle_action", "no_viewer_timeout", "max_lifetime"]}),
+    ]  # fmt: skip
+
+
+@admin.register(GroupPolicy)
+class GroupPolicyAdmin(admin.ModelAdmin):
+    list_display = ["group", "idle_timeout", "idle_action", "no_viewer_timeout", "max_lifetime"]
 
 
 def _label(session: Session) -> str:

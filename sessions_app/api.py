@@ -1,11 +1,11 @@
 """Session and template endpoints: parse, check access, call a service, serialize."""
 
-from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sessions_app import selectors, services
+from sessions_app import lifecycle, selectors, services
 from sessions_app.models import Session, Template
 from sessions_app.states import State
 from streamspace.text import PlainTextField
@@ -20,18 +20,37 @@ class TemplateSerializer(serializers.ModelSerializer):
         ]  # fmt: skip
 
 
+class LifecycleWarningSerializer(serializers.Serializer):
+    """A lifecycle action about to happen to a running session (sessions_app.lifecycle)."""
+
+    action = serializers.ChoiceField(choices=[lifecycle.HIBERNATE, lifecycle.TERMINATE])
+    at = serializers.DateTimeField()
+    seconds_left = serializers.FloatField()
+    detail = serializers.CharField()
+    can_stay = serializers.BooleanField(help_text="POST .../keepalive (or any input) cancels it")
+
+
 class SessionSerializer(serializers.ModelSerializer):
     template = serializers.CharField(source="template.slug")
     owner = serializers.CharField(source="owner.username")
     agent_id = serializers.CharField(source="agent.agent_id", default=None, allow_null=True)
+    lifecycle_reason = serializers.CharField(
+        read_only=True, help_text="Why a lifecycle policy last hibernated or ended the session (empty: never)"
+    )
+    lifecycle_warning = serializers.SerializerMethodField()
 
     class Meta:
         model = Session
         fields = [
             "id", "owner", "template", "state", "agent_id", "platform", "region", "cluster_id", "tags",
             "cpu", "memory_mb", "keep_home", "error_message", "created_at", "started_at", "last_activity",
-            "terminated_at",
+            "terminated_at", "lifecycle_reason", "lifecycle_warning",
         ]  # fmt: skip
+
+    @extend_schema_field(LifecycleWarningSerializer(allow_null=True))
+    def get_lifecycle_warning(self, session):
+        warning = lifecycle.session_warning(session)
+        return None if warning is None else LifecycleWarningSerializer(warning).data
 
 
 class SessionCreateSerializer(serializers.Serializer):
@@ -121,3 +140,14 @@ class SessionWakeView(APIView):
     def post(self, request, session_id):
         session = selectors.session_get_for_user(user=request.user, session_id=session_id)
         return Response(SessionSerializer(services.session_wake(session=session)).data, status=202)
+
+
+class SessionKeepaliveView(APIView):
+    @extend_schema(
+        request=None,
+        responses={200: SessionSerializer},
+        description="The owner is still there: counts as input, so a pending idle action is called off.",
+    )
+    def post(self, request, session_id):
+        session = selectors.session_get_for_user(user=request.user, session_id=session_id)
+        return Response(SessionSerializer(services.session_keepalive(session=session, user=request.user)).data)

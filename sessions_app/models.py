@@ -21,6 +21,9 @@ def validate_egress_allow(value) -> None:
         raise ValidationError(f"Invalid egress allow list: {exc}", code="invalid_egress_allow") from None
 
 
+IDLE_ACTIONS = [("hibernate", "Hibernate"), ("terminate", "Terminate")]
+
+
 class Template(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=100)
@@ -49,6 +52,18 @@ class Template(models.Model):
         blank=True,
         validators=[validate_egress_allow],
         help_text='Also allowed, in any mode: a list of "CIDR", "CIDR:port" or "port" (e.g. ["10.1.2.0/24:443"])',
+    )
+    # Lifecycle policy (sessions_app.lifecycle): seconds, 0 = off, empty = the environment's default.
+    idle_timeout = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds without key or pointer input before the idle action (0 = off)"
+    )
+    idle_action = models.CharField(max_length=10, choices=IDLE_ACTIONS, blank=True, default="",
+                                   help_text="What happens to an idle session (empty = the default)")  # fmt: skip
+    max_lifetime = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds after the start before the session is terminated (0 = off)"
+    )
+    no_viewer_timeout = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds with no viewer open before the idle action (0 = off)"
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -108,6 +123,10 @@ class Session(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     last_activity = models.DateTimeField(null=True, blank=True)
     terminated_at = models.DateTimeField(null=True, blank=True)
+    # Lifecycle (sessions_app.lifecycle): when the open viewer was warned of the idle action
+    # (cleared by input), and why the platform last hibernated or ended the session.
+    idle_warned_at = models.DateTimeField(null=True, blank=True)
+    lifecycle_reason = models.CharField(max_length=255, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at"]
@@ -157,3 +176,21 @@ class Quota(models.Model):
 
     def __str__(self) -> str:
         return f"quota for {self.user or self.group}"
+
+
+class GroupPolicy(models.Model):
+    """A group's lifecycle policy: each field set here overrides the template's (and the
+    environment's) for sessions of the group's members; empty fields do not."""
+
+    group = models.OneToOneField(Group, on_delete=models.CASCADE, related_name="lifecycle_policy")
+    idle_timeout = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds (0 = off)")
+    idle_action = models.CharField(max_length=10, choices=IDLE_ACTIONS, blank=True, default="")
+    max_lifetime = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds (0 = off)")
+    no_viewer_timeout = models.PositiveIntegerField(null=True, blank=True, help_text="Seconds (0 = off)")
+
+    class Meta:
+        verbose_name = "group lifecycle policy"
+        verbose_name_plural = "group lifecycle policies"
+
+    def __str__(self) -> str:
+        return f"lifecycle policy for {self.group}"

@@ -19,7 +19,7 @@ from agents_app.selectors import agent_select_for_session
 from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.models import Quota, Session, SessionEvent, Template
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
-from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
+from streamspace.errors import Conflict, InvalidInput, PermissionDenied, QuotaExceeded
 from streamspace.text import has_control_characters
 
 log = logging.getLogger(__name__)
@@ -183,20 +183,25 @@ def session_create(
     return session
 
 
+def _policy_fields(policy_reason: str) -> dict:
+    """A lifecycle policy's action says why (the portal shows it); a user's clears the last one."""
+    return {"reason": policy_reason, "lifecycle_reason": policy_reason[:255], "idle_warned_at": None}
+
+
 @transaction.atomic
-def session_terminate(*, session: Session) -> Session:
+def session_terminate(*, session: Session, policy_reason: str = "") -> Session:
     session = Session.objects.select_for_update().get(pk=session.pk)
     if session.state in (State.TERMINATED, State.TERMINATING):
         return session
     if session.state == State.PENDING and _cancel_undelivered_create(session):
-        _move(session, State.TERMINATING)
+        _move(session, State.TERMINATING, **_policy_fields(policy_reason))
         _move(session, State.TERMINATED, terminated_at=timezone.now())
         return session
     if session.agent_id is None:
-        _move(session, State.TERMINATING)
+        _move(session, State.TERMINATING, **_policy_fields(policy_reason))
         _move(session, State.TERMINATED, terminated_at=timezone.now())
         return session
-    _move(session, State.TERMINATING)
+    _move(session, State.TERMINATING, **_policy_fields(policy_reason))
     command_enqueue(
         agent=session.agent,
         session=session,
@@ -221,9 +226,10 @@ def _cancel_undelivered_create(session: Session) -> bool:
 
 
 @transaction.atomic
-def session_hibernate(*, session: Session) -> Session:
+def session_hibernate(*, session: Session, policy_reason: str = "") -> Session:
+    """Hibernate: by the user, or by a lifecycle policy (``policy_reason``, on the timeline)."""
     session = Session.objects.select_for_update().get(pk=session.pk)
-    _move(session, State.HIBERNATING)
+    _move(session, State.HIBERNATING, **_policy_fields(policy_reason))
     command_enqueue(agent=session.agent, session=session, type=AgentCommand.Type.HIBERNATE_SESSION)
     return session
 
@@ -241,14 +247,26 @@ def session_wake(*, session: Session) -> Session:
         add_memory_mb=max(session.memory_mb, settings.SESSION_MIN_MEMORY_MB),
         exclude=session,
     )
-    _move(session, State.WAKING)
+    _move(session, State.WAKING, lifecycle_reason="", idle_warned_at=None)
     command_enqueue(agent=session.agent, session=session, type=AgentCommand.Type.WAKE_SESSION)
     return session
 
 
 @transaction.atomic
 def session_record_activity(*, session_id) -> None:
-    Session.objects.filter(pk=session_id).update(last_activity=timezone.now())
+    """The user's input (through the relay): the session is not idle, any idle warning goes."""
+    Session.objects.filter(pk=session_id).update(last_activity=timezone.now(), idle_warned_at=None)
+
+
+def session_keepalive(*, session: Session, user) -> Session:
+    """The owner's "Stay" in the viewer: counts as input, so the idle warning goes."""
+    if session.owner_id != user.pk:
+        raise PermissionDenied("only the session's owner can keep it alive")
+    now = timezone.now()
+    if Session.objects.filter(pk=session.pk, state=State.RUNNING).update(last_activity=now, idle_warned_at=None) != 1:
+        raise Conflict(f"the session is {Session.objects.get(pk=session.pk).state}, not running")
+    session.last_activity, session.idle_warned_at = now, None
+    return session
 
 
 # --- effects of agent answers -----------------------------------------------------------

@@ -21,6 +21,7 @@ def sweep_periods() -> dict[str, float]:
         "agents_app.tasks.sweep_agents": every,
         "agents_app.tasks.sweep_commands": every,
         "agents_app.tasks.sweep_stuck_sessions": every * 6,
+        "agents_app.tasks.sweep_lifecycle": every,
     }
 
 

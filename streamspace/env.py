@@ -67,21 +67,33 @@ def env_float(name: str, default: float, *, minimum: float, maximum: float) -> f
     return number
 
 
+_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
 def env_seconds(name: str, default: float, *, minimum: float = 0.001) -> float:
-    """A duration in seconds: ``30``, ``30s``, ``5m`` or ``1h``."""
+    """A duration in seconds: ``30``, ``30s``, ``5m`` (or ``5min``), ``1h`` or ``2d``."""
     value = _raw(name)
     if value is None or value == "":
         return default
     text = value.strip().lower()
-    factor = {"s": 1, "m": 60, "h": 3600}.get(text[-1:])
-    digits = text[:-1] if factor else text
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    factor = _UNITS.get(text[len(digits) :].strip())
     try:
-        number = float(digits) * (factor or 1)
+        if factor is None:
+            raise ValueError(text)
+        number = float(digits) * factor
     except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a duration like 30, 30s or 5m, got {value!r}") from None
-    if number < minimum:
+        raise ImproperlyConfigured(f"{name} must be a duration like 30, 30s, 5m, 1h or 2d, got {value!r}") from None
+    if not math.isfinite(number) or number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum} seconds, got {value!r}")
     return number
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default).strip().lower() or default
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def env_list(name: str, default: list[str]) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from streamspace.env import env_bool, env_float, env_int, env_list, env_seconds, env_str
+from streamspace.env import env_bool, env_choice, env_float, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("STREAMSPACE_VAR_DIR", str(BASE_DIR / "var")))
@@ -174,6 +174,18 @@ SESSION_STUCK_AFTER = env_seconds("SESSION_STUCK_AFTER", 120)
 SWEEP_INTERVAL = env_seconds("SWEEP_INTERVAL", 5)
 # /readyz reports the sweeps overdue after 3 of their periods without a run, never sooner than this.
 SWEEP_OVERDUE_MIN = env_seconds("SWEEP_OVERDUE_MIN", 15)
+
+# Lifecycle policy defaults (a template's fields, then a group's, override them); 0 = off.
+# README, "Lifecycle policies".
+SESSION_IDLE_TIMEOUT = env_seconds("SESSION_IDLE_TIMEOUT", 0, minimum=0)
+SESSION_IDLE_ACTION = env_choice("SESSION_IDLE_ACTION", "hibernate", ("hibernate", "terminate"))
+SESSION_MAX_LIFETIME = env_seconds("SESSION_MAX_LIFETIME", 0, minimum=0)
+SESSION_NO_VIEWER_TIMEOUT = env_seconds("SESSION_NO_VIEWER_TIMEOUT", 0, minimum=0)
+# How long before an idle (or maximum lifetime) action the open viewer warns; at most half the timeout.
+SESSION_IDLE_WARNING = env_seconds("SESSION_IDLE_WARNING", 60, minimum=0)
+# The relay writes a session's last input at most this often (the first input at once); the
+# idle timeout counts from the last write plus this, so input between writes is never missed.
+SESSION_ACTIVITY_INTERVAL = env_seconds("SESSION_ACTIVITY_INTERVAL", 10, minimum=0.1)
 
 # Per-user limits when no Quota row applies.
 QUOTA_DEFAULT_MAX_SESSIONS = env_int("QUOTA_DEFAULT_MAX_SESSIONS", 5)

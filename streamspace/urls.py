@@ -16,6 +16,7 @@ api_v1 = [
     path("sessions/<str:session_id>", sessions_api.SessionDetailView.as_view(), name="session"),
     path("sessions/<str:session_id>/hibernate", sessions_api.SessionHibernateView.as_view(), name="session-hibernate"),
     path("sessions/<str:session_id>/wake", sessions_api.SessionWakeView.as_view(), name="session-wake"),
+    path("sessions/<str:session_id>/keepalive", sessions_api.SessionKeepaliveView.as_view(), name="session-keepalive"),
     path("agents/register", agents_api.AgentRegisterView.as_view(), name="agent-register"),
     path("agents", agents_api.AgentListView.as_view(), name="agents"),
     path("agents/<str:agent_id>", agents_api.AgentDetailView.as_view(), name="agent"),

@@ -59,6 +59,7 @@ def control_plane_env(**extra: str) -> dict[str, str]:
         COMMAND_ACK_TIMEOUT="3",
         COMMAND_RETRY_BACKOFF_BASE="1",
         SWEEP_INTERVAL="0.5",
+        SESSION_ACTIVITY_INTERVAL="1",  # the relay's input writes: short lifecycle timeouts in tests
         DEBUG="true",
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(ROOT),

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from agent_clients import protocol
 from agent_clients.logfmt import log_context
@@ -28,7 +29,6 @@ from vnc_app.rfb import ClientStreamWatcher
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 15.0  # seconds for the agent to reach the desktop
-ACTIVITY_EVERY = 10.0  # seconds between writes of the session's last input time
 # The browser cannot be paused under Daphne, so a viewer that outruns the desktop by
 # this much is closed with a reason instead of being buffered without bound.
 MAX_VIEWER_BACKLOG = 2 * protocol.TUNNEL_WINDOW
@@ -187,7 +187,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
 
     async def _note_input(self) -> None:
         now = time.monotonic()
-        if now - self.last_activity_write >= ACTIVITY_EVERY:
+        if now - self.last_activity_write >= settings.SESSION_ACTIVITY_INTERVAL:
             self.last_activity_write = now
             await database_sync_to_async(session_services.session_record_activity)(session_id=self.session_id)
 

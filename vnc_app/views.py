@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from sessions_app import selectors
+from sessions_app import lifecycle, selectors
 from streamspace.errors import NotFound
 
 
@@ -36,6 +36,9 @@ def viewer(request, session_id):
         "password": session.vnc_password,
         "session_url": reverse("session", args=[session.pk]),
         "wake_url": reverse("session-wake", args=[session.pk]),
+        "keepalive_url": reverse("session-keepalive", args=[session.pk]),
+        "watch_ms": lifecycle.viewer_watch_ms(session),  # often enough to show a lifecycle warning in time
+        "lifecycle_reason": session.lifecycle_reason,
         "csrf_token": get_token(request),
         "rfb_module_url": static("novnc/core/rfb.js"),
         "login_url": f"{reverse('portal:login')}?{urlencode({'next': request.get_full_path()})}",

@@ -10,6 +10,9 @@ const statusEl = document.getElementById("viewer-status");
 const screenEl = document.getElementById("screen");
 const screenWrap = screenEl.parentElement;
 const wakeButton = document.getElementById("viewer-wake");
+const warningEl = document.getElementById("viewer-warning");
+const warningText = document.getElementById("viewer-warning-text");
+const stayButton = document.getElementById("viewer-stay");
 
 // Start fetching noVNC at once, while the session's state is being looked at.
 const rfbModule = import(config.rfb_module_url);
@@ -19,7 +22,7 @@ const BACKOFF_MAX_MS = 10000;
 const GOOD_CONNECTION_MS = 5000; // a connection that lasted this long resets the backoff
 const POLL_MS = 1500;
 const SLOW_POLL_MS = 3000;
-const WATCH_MS = 5000; // while connected, how often to look at the session's state
+const WATCH_MS = config.watch_ms || 5000; // while connected, how often to look at the session's state
 const MAX_RELOADS = 3; // page reloads when noVNC's modules fail to load
 const RELOADS_KEY = `streamspace-viewer-reloads-${config.session_id}`;
 // States that end a connection even if the desktop's socket stays open meanwhile.
@@ -32,6 +35,7 @@ const viewer = {
   closeCode: null,
   closeReason: "",
   message: "",
+  warning: null, // the lifecycle warning shown ("Still there?"), as the API gave it
   reconnect: () => reconnectNow(),
 };
 window.streamspaceViewer = viewer;
@@ -81,6 +85,45 @@ function loginAgain() {
   setStatus("error", "Your login has expired.", { href: config.login_url, text: "Log in again" });
 }
 
+// --- the lifecycle warning ---------------------------------------------------------------
+
+let warningTimer = null;
+let warningDue = 0;
+
+function showWarning(warning) {
+  viewer.warning = warning || null;
+  clearInterval(warningTimer);
+  if (!warning) {
+    warningEl.hidden = true;
+    return;
+  }
+  warningDue = Date.now() + warning.seconds_left * 1000;
+  const verb = warning.action === "terminate" ? "terminated" : "hibernated";
+  const tick = () => {
+    const left = Math.max(0, Math.ceil((warningDue - Date.now()) / 1000));
+    warningText.textContent = `${warning.detail} This desktop will be ${verb} in ${left} s.`;
+  };
+  tick();
+  warningTimer = setInterval(tick, 1000);
+  stayButton.hidden = !warning.can_stay;
+  warningEl.hidden = false;
+}
+
+async function stay() {
+  let res;
+  try {
+    res = await api(config.keepalive_url, "POST");
+  } catch {
+    return; // the next look at the session shows the warning again if it still stands
+  }
+  if (res.status === 200) {
+    showWarning(res.body.lifecycle_warning);
+    if (rfb) rfb.focus();
+  } else if (res.status === 401) {
+    loginAgain();
+  }
+}
+
 // --- the session's state -----------------------------------------------------------------
 
 function csrfToken() {
@@ -123,17 +166,20 @@ async function settle() {
     later(delay, settle);
     return;
   }
-  act(res.body.state, res.body.error_message);
+  act(res.body.state, res.body.error_message, res.body.lifecycle_reason);
 }
 
-function act(state, errorMessage) {
+function act(state, errorMessage, lifecycleReason = "") {
   viewer.sessionState = state;
+  if (state !== "running") showWarning(null);
+  // Why a lifecycle policy hibernated or ended it, e.g. "hibernated after 30 min without input".
+  const byPolicy = lifecycleReason ? ` It was ${lifecycleReason}.` : "";
   if (state !== "hibernated" && state !== "hibernating") wakeOnArrival = false;
   switch (state) {
     case "running":
       return connect();
     case "hibernated":
-      if (!wakeOnArrival) return setStatus("hibernated", "The desktop is hibernated.");
+      if (!wakeOnArrival) return setStatus("hibernated", `The desktop is hibernated.${byPolicy}`);
       wakeOnArrival = false;
       return wake();
     case "pending":
@@ -156,7 +202,7 @@ function act(state, errorMessage) {
       return setStatus("ended", `This session failed${errorMessage ? `: ${errorMessage}` : "."}`);
     case "terminating":
     case "terminated":
-      return setStatus("ended", "This session has ended.");
+      return setStatus("ended", `This session has ended.${byPolicy}`);
     default:
       setStatus("waiting", `The session is ${state}. Waiting…`);
       return later(SLOW_POLL_MS, settle);
@@ -256,12 +302,13 @@ async function watch(client, gen) {
   }
   if (gen !== generation || rfb !== client || res.status !== 200) return;
   viewer.sessionState = res.body.state;
+  showWarning(res.body.lifecycle_warning);
   if (!LEAVING_STATES.has(res.body.state)) return;
   generation += 1;
   clearTimeout(timer);
   rfb = null;
   client.disconnect();
-  act(res.body.state, res.body.error_message);
+  act(res.body.state, res.body.error_message, res.body.lifecycle_reason);
 }
 
 // A module that failed to load stays failed in this document: reload the page, a few times.
@@ -371,6 +418,7 @@ window.addEventListener(
 document.getElementById("viewer-fullscreen").addEventListener("click", toggleFullscreen);
 document.getElementById("viewer-reconnect").addEventListener("click", reconnectNow);
 wakeButton.addEventListener("click", wakeNow);
+stayButton.addEventListener("click", stay);
 document.getElementById("viewer-ctrl-alt-del").addEventListener("click", () => {
   if (rfb) {
     rfb.sendCtrlAltDel();
@@ -378,4 +426,4 @@ document.getElementById("viewer-ctrl-alt-del").addEventListener("click", () => {
   }
 });
 
-act(config.state, config.error_message);
+act(config.state, config.error_message, config.lifecycle_reason);

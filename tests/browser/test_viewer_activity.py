@@ -67,7 +67,7 @@ def test_typing_in_the_viewer_records_activity_and_an_idle_tab_does_not(
     viewer.wait_for_timeout(IDLE_MS)
     assert last_activity(session_id) is None, "an idle viewer recorded input activity"
 
-    # The first input is written at once (later ones at most every ACTIVITY_EVERY).
+    # The first input is written at once (later ones at most every SESSION_ACTIVITY_INTERVAL).
     viewer.keyboard.type("true", delay=15)
     viewer.keyboard.press("Enter")
     wait_for(lambda: last_activity(session_id) is not None, 10, 0.2, what="typing recorded as input activity")
