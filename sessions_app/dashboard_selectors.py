@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.core.paginator import Paginator
-from django.db.models import Count, F, FloatField, Q, Sum, Value
+from django.db.models import Count, F, FloatField, IntegerField, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
@@ -84,16 +84,27 @@ def platform_capacity() -> list[dict]:
     return [rows[p] for p in sorted(rows)]
 
 
+def _per_agent(aggregate, states, output_field=None):
+    """A figure over the agent's sessions in ``states``, as a correlated subquery: the
+    database works it out only for the rows of the page shown, and a page's count leaves it out."""
+    rows = (
+        Session.objects.filter(agent=OuterRef("pk"), state__in=states)
+        .order_by()
+        .values("agent")
+        .annotate(figure=aggregate)
+        .values("figure")
+    )
+    output_field = output_field or FloatField()
+    return Coalesce(Subquery(rows, output_field=output_field), Value(0), output_field=output_field)
+
+
 def agent_rows(*, platform: str = "", status: str = "", region: str = ""):
     """The agents table: each agent with its live sessions and the CPU and memory they
     reserve, filtered; the caller pages it."""
     agents = Agent.objects.annotate(
-        live_sessions=Count("sessions", filter=Q(sessions__state__in=LIVE_STATES)),
-        cpu_reserved=Coalesce(Sum("sessions__cpu", filter=Q(sessions__state__in=CONSUMING_STATES)), Value(0.0)),
-        memory_reserved=Coalesce(
-            Cast(Sum("sessions__memory_mb", filter=Q(sessions__state__in=CONSUMING_STATES)), FloatField()),
-            Value(0.0),
-        ),
+        live_sessions=_per_agent(Count("id"), LIVE_STATES, IntegerField()),
+        cpu_reserved=_per_agent(Sum("cpu"), CONSUMING_STATES),
+        memory_reserved=_per_agent(Cast(Sum("memory_mb"), FloatField()), CONSUMING_STATES),
         cpu_capacity=_capacity("cpu", 0),
         memory_capacity=_capacity("memory_mb", 0),
         max_sessions=_capacity("max_sessions", 0),
