@@ -113,3 +113,38 @@ def test_the_dashboard_pages_fit_a_phone(control_plane, carol, alice, template, 
     page.get_by_role("button", name="Terminate").tap()
     page.wait_for_url(f"{base}/dashboard/sessions/{session.pk}/")
     assert Session.objects.get(pk=session.pk).state == State.TERMINATING
+
+
+SET_VISIBILITY = """(state) => {
+  Object.defineProperty(document, 'visibilityState', { get: () => state, configurable: true });
+  Object.defineProperty(document, 'hidden', { get: () => state === 'hidden', configurable: true });
+  document.dispatchEvent(new Event('visibilitychange'));
+}"""
+
+
+def test_the_refresh_runs_every_10_s_and_pauses_while_the_tab_is_hidden(control_plane, carol, new_context):
+    """Playwright's fake clock drives the page's timers; a headless tab cannot be hidden
+    for real, so the page is told it is (document.visibilityState and the
+    visibilitychange event, as a browser does when the tab goes to the background)."""
+    base = control_plane.http_url
+    page = new_context("carol").new_page()
+    login(page, base, "carol", CAROL_PASSWORD)
+    page.clock.install()
+    page.goto(f"{base}/dashboard/")
+    refreshes = []
+    page.on("request", lambda r: "/dashboard/live" in r.url and refreshes.append(r.url))
+
+    with page.expect_request(lambda r: "/dashboard/live" in r.url):
+        page.clock.run_for(10_500)
+    page.wait_for_function("() => document.getElementById('live').dataset.refreshedAt")
+    assert len(refreshes) == 1
+
+    page.evaluate(SET_VISIBILITY, "hidden")
+    page.clock.run_for(60_000)  # six refreshes' worth of time while hidden
+    page.evaluate("() => new Promise((done) => setTimeout(done, 0))")  # let the page run its timers
+    assert len(refreshes) == 1, refreshes
+
+    with page.expect_request(lambda r: "/dashboard/live" in r.url):
+        page.evaluate(SET_VISIBILITY, "visible")  # shown again: refreshed at once
+        page.clock.run_for(100)
+    assert len(refreshes) == 2
