@@ -8,7 +8,19 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.core.paginator import Paginator
-from django.db.models import Count, F, FloatField, IntegerField, OuterRef, Q, Subquery, Sum, Value
+from django.db.models import (
+    BooleanField,
+    Count,
+    ExpressionWrapper,
+    F,
+    FloatField,
+    IntegerField,
+    OuterRef,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+)
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
@@ -108,6 +120,7 @@ def agent_rows(*, platform: str = "", status: str = "", region: str = ""):
         cpu_capacity=_capacity("cpu", 0),
         memory_capacity=_capacity("memory_mb", 0),
         max_sessions=_capacity("max_sessions", 0),
+        reporting=ExpressionWrapper(_online(), output_field=BooleanField()),
     ).order_by("agent_id")
     if platform:
         agents = agents.filter(platform=platform)

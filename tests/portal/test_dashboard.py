@@ -113,6 +113,8 @@ def test_an_agent_whose_heartbeats_stopped_is_not_counted_online(carol_client, f
     Agent.objects.filter(pk=fleet["us"].pk).update(last_heartbeat=timezone.now() - timedelta(hours=1))
     html = page(carol_client.get("/dashboard/live"))
     assert stat(html, "agents_online") == "1"
+    us_row = re.search(r'<tr data-agent-id="docker-us".*?</tr>', html, re.S).group(0)
+    assert "not reporting" in us_row and "not reporting" not in html.split('data-agent-id="docker-us"')[0]
     assert rows(page(carol_client.get("/dashboard/?status=stale")), "data-agent-id") == ["docker-us", "k8s-eu"]
 
 
