@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from sessions_app import views
+from sessions_app import dashboard, views
 
 app_name = "portal"
 
@@ -19,5 +19,16 @@ urlpatterns = [
         "sessions/<str:session_id>/<str:action>",
         views.session_action,
         name="session-action",
+    ),
+    path("dashboard/", dashboard.dashboard_home, name="dashboard"),
+    path("dashboard/live", dashboard.dashboard_live, name="dashboard-live"),
+    path("dashboard/agents/<str:agent_id>/", dashboard.agent_page, name="dashboard-agent"),
+    path("dashboard/agents/<str:agent_id>/<str:action>", dashboard.agent_action, name="dashboard-agent-action"),
+    path("dashboard/sessions/", dashboard.session_list, name="dashboard-sessions"),
+    path("dashboard/sessions/<str:session_id>/", dashboard.session_page, name="dashboard-session"),
+    path(
+        "dashboard/sessions/<str:session_id>/<str:action>",
+        dashboard.session_action,
+        name="dashboard-session-action",
     ),
 ]

@@ -95,6 +95,11 @@ def test_portal_admin_and_docs_pages_run_without_a_violation(control_plane, alic
         ("/admin/sessions_app/template/add/", "#template_form"),
         (f"/admin/auth/user/{alice.pk}/change/", "#user_form"),
         ("/admin/vnc_app/vncconnection/", "#changelist"),
+        ("/dashboard/", "#live"),
+        ("/dashboard/sessions/", "table.sessions"),
+        (f"/dashboard/sessions/{session.pk}/", ".timeline"),
+        (f"/dashboard/sessions/{session.pk}/terminate", ".consequence"),
+        (f"/dashboard/agents/{agent.agent_id}/", ".facts"),
     ):
         visit(page, base + url, ready)
     # The admin's own scripts run: the theme toggle and the select-all checkbox of the change list.

@@ -118,3 +118,22 @@ def test_the_database_outage_page(settings):
     csp = policy(response)
     assert csp["script-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_dashboard_pages(carol_client, alice, make_session):
+    session = make_session(alice, "running")
+    agent_id = session.agent.agent_id
+    for url in (
+        "/dashboard/",
+        "/dashboard/live",
+        "/dashboard/sessions/",
+        f"/dashboard/sessions/{session.pk}/",
+        f"/dashboard/sessions/{session.pk}/terminate",
+        f"/dashboard/agents/{agent_id}/",
+        f"/dashboard/agents/{agent_id}/drain",
+    ):
+        response = carol_client.get(url)
+        assert response.status_code == 200, url
+        assert_strict(response)
+        html = response.content.decode()
+        assert "<script>" not in html and "<style" not in html and " style=" not in html, url
