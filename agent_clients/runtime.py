@@ -184,12 +184,12 @@ class Agent:
         self._stop_connection = asyncio.Event()
         self._connected = asyncio.Event()
         self._event_ready = asyncio.Event()
+        if self.cfg.metrics_port:  # first: a port that cannot be bound stops the agent before it holds anything
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_bind)
         if self.install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self.request_shutdown)
-        if self.cfg.metrics_port:
-            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_bind)
         watcher = self._start_watch()
         connection_loop = asyncio.create_task(self._connection_loop(), name="agent-connection")
         events = asyncio.create_task(self._event_sender(), name="agent-events")

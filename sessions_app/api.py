@@ -49,7 +49,9 @@ class SessionSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(LifecycleWarningSerializer(allow_null=True))
     def get_lifecycle_warning(self, session):
-        warning = lifecycle.session_warning(session)
+        # One policy lookup per (template, owner) in a list, not one per session (found by review).
+        policies = self.context.setdefault("lifecycle_policies", {})
+        warning = lifecycle.session_warning(session, policies=policies)
         return None if warning is None else LifecycleWarningSerializer(warning).data
 
 
@@ -146,8 +148,11 @@ class SessionKeepaliveView(APIView):
     @extend_schema(
         request=None,
         responses={200: SessionSerializer},
-        description="The owner is still there: counts as input, so a pending idle action is called off.",
+        description=(
+            "Someone at the viewer (the owner, or staff) is still there: counts as input, so a pending idle "
+            "action is called off."
+        ),
     )
     def post(self, request, session_id):
         session = selectors.session_get_for_user(user=request.user, session_id=session_id)
-        return Response(SessionSerializer(services.session_keepalive(session=session, user=request.user)).data)
+        return Response(SessionSerializer(services.session_keepalive(session=session)).data)

@@ -163,13 +163,17 @@ def next_step(session: Session, policy: Policy, *, now: datetime, viewers_open: 
 # --- what the viewer shows -------------------------------------------------------------
 
 
-def session_warning(session: Session, *, now: datetime | None = None) -> dict | None:
+def session_warning(session: Session, *, now: datetime | None = None, policies: dict | None = None) -> dict | None:
     """The warning the open viewer shows, or None: the idle action once the sweep warned
     (the user can stay), or the end of the maximum lifetime when it is near (they cannot)."""
     if session.state != State.RUNNING:
         return None
     now = now or timezone.now()
-    policy = policy_for(template=session.template, owner_id=session.owner_id)
+    key = (session.template_id, session.owner_id)
+    policies = {} if policies is None else policies
+    if key not in policies:
+        policies[key] = policy_for(template=session.template, owner_id=session.owner_id)
+    policy = policies[key]
     end = lifetime_end(session, policy)
     if end is not None and now >= end - timedelta(seconds=min(settings.SESSION_IDLE_WARNING, policy.max_lifetime / 2)):
         return {
@@ -258,6 +262,7 @@ def _apply(session_pk, policy: Policy, now: datetime) -> bool:
     )
     if session is None:
         return False
+    now = max(now, timezone.now())  # decided and stamped when locked: a long sweep shortens no warning
     viewers_open, last_closed = _viewers(session)
     step = next_step(session, policy, now=now, viewers_open=viewers_open, last_viewer_closed=last_closed)
     if step is None:

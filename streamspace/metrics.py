@@ -6,7 +6,10 @@ the current rows, and event counters and histograms from the rows each event lea
 behind (an ``AgentCommand``'s timestamps, a session's ``started_at``, ``SweepRun``'s
 totals, a ``VNCConnection``'s byte counts and ``tunnel_ready_at``). So the numbers are
 the same from every Daphne process on every host, whichever process (or the Celery
-worker) saw the event, and a counter never goes back when a process restarts.
+worker) saw the event, and a counter never goes back when a process restarts. It can go
+back when its rows change: a late answer turns a ``timed_out``/``failed`` command into
+``completed`` (one outcome down, another up), and deleting an agent or a session deletes
+its commands and connections; Prometheus reads a drop as a counter reset (README).
 docs/ARCHITECTURE.md ("Metrics") says why this and not multiprocess mode or Redis.
 
 Protected by a bearer token from ``METRICS_TOKEN``; with none configured the endpoint

@@ -102,8 +102,9 @@ def test_input_through_the_relay_or_stay_calls_the_warning_off(alice, bob, carol
 
     services.session_record_activity(session_id=typed.pk)  # what the relay does on a key event
     assert api_client_for(bob).post(f"/api/v1/sessions/{stayed.pk}/keepalive").status_code == 404
-    refused = api_client_for(carol).post(f"/api/v1/sessions/{stayed.pk}/keepalive")  # staff: not the owner
-    assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+    # Staff at the viewer may stay too, as their typing through the relay counts (found by review:
+    # Stay answered 403 for them and the viewer said nothing).
+    assert api_client_for(carol).post(f"/api/v1/sessions/{stayed.pk}/keepalive").status_code == 200
     answer = api_client_for(alice).post(f"/api/v1/sessions/{stayed.pk}/keepalive")
     assert answer.status_code == 200 and answer.json()["lifecycle_warning"] is None
 
