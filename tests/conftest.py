@@ -16,6 +16,20 @@ def django_db_setup(django_db_setup):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _fast_password_hashing():
+    """Users made by tests get cheap hashes (tests/support/hashers.py); what the tests check
+    about passwords does not depend on the iteration count."""
+    from django.test import override_settings
+
+    fast = override_settings(
+        PASSWORD_HASHERS=["tests.support.hashers.FastPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
+    )
+    fast.enable()
+    yield
+    fast.disable()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _flush_retries_a_deadlock_with_the_shared_control_plane():
     """Emptying the tables after a transactional test is a TRUNCATE of every table. The
     shared Daphne (``control_plane``) may still be finishing an answer from the test's
