@@ -7,10 +7,11 @@ from datetime import timedelta
 from django.conf import settings
 from django.db.models import Count, F, FloatField, Q, Sum, Value
 from django.db.models.fields.json import KT
-from django.db.models.functions import Cast, Coalesce, Greatest
+from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from agents_app.models import Agent, AgentCommand
+from sessions_app.limits import charged_cpu, charged_memory
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES
 from streamspace.errors import NoAgentAvailable, NotFound
 
@@ -62,17 +63,10 @@ def agent_select_for_session(*, cpu: float, memory_mb: int, platform: str = "", 
             cpu_real=_capacity("cpu", 10**6),
             memory_real=_capacity("memory_mb", 10**9),
             free_sessions=_capacity("max_sessions", 10**6) - Count("sessions", filter=live),
-            # sessions stored before the minimums existed count as the minimum, not less
             free_cpu=_capacity("cpu", 10**6) * F("cpu_overcommit")
-            - Coalesce(Sum(Greatest("sessions__cpu", Value(settings.SESSION_MIN_CPU)), filter=consuming), Value(0.0)),
+            - Coalesce(Sum(charged_cpu("sessions__cpu"), filter=consuming), Value(0.0)),
             free_memory=_capacity("memory_mb", 10**9) * F("memory_overcommit")
-            - Coalesce(
-                Cast(
-                    Sum(Greatest("sessions__memory_mb", Value(settings.SESSION_MIN_MEMORY_MB)), filter=consuming),
-                    FloatField(),
-                ),
-                Value(0.0),
-            ),
+            - Coalesce(Cast(Sum(charged_memory("sessions__memory_mb"), filter=consuming), FloatField()), Value(0.0)),
         )
         .filter(
             cpu_real__gte=cpu,

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from agents_app.models import Agent, AgentCommand
 from agents_app.selectors import _capacity, agent_liveness_cutoff
+from sessions_app.limits import charged_cpu, charged_memory
 from sessions_app.models import Session, SessionEvent
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State
 from vnc_app.models import VNCConnection
@@ -67,7 +68,7 @@ def platform_capacity() -> list[dict]:
     reserved = (
         Session.objects.filter(state__in=CONSUMING_STATES, agent__isnull=False)
         .values("agent__platform")
-        .annotate(cpu=Sum("cpu"), memory_mb=Sum("memory_mb"), sessions=Count("id"))
+        .annotate(cpu=Sum(charged_cpu()), memory_mb=Sum(charged_memory()), sessions=Count("id"))
         .order_by()
     )
     offered = (
@@ -115,8 +116,8 @@ def agent_rows(*, platform: str = "", status: str = "", region: str = ""):
     reserve, filtered; the caller pages it."""
     agents = Agent.objects.annotate(
         live_sessions=_per_agent(Count("id"), LIVE_STATES, IntegerField()),
-        cpu_reserved=_per_agent(Sum("cpu"), CONSUMING_STATES),
-        memory_reserved=_per_agent(Cast(Sum("memory_mb"), FloatField()), CONSUMING_STATES),
+        cpu_reserved=_per_agent(Sum(charged_cpu()), CONSUMING_STATES),
+        memory_reserved=_per_agent(Cast(Sum(charged_memory()), FloatField()), CONSUMING_STATES),
         cpu_capacity=_capacity("cpu", 0),
         memory_capacity=_capacity("memory_mb", 0),
         max_sessions=_capacity("max_sessions", 0),

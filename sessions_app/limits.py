@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 from django.conf import settings
+from django.db.models import Value
+from django.db.models.functions import Greatest
 
 from streamspace.errors import InvalidInput
 
@@ -32,3 +34,15 @@ def validate_memory(value, *, field: str = "memory_mb") -> int:
     if not low <= value <= high:
         raise InvalidInput(f"memory_mb must be between {low} and {high} megabytes", field=field)
     return value
+
+
+def charged_cpu(field: str = "cpu"):
+    """The CPU a session counts for, as a database expression: at least SESSION_MIN_CPU (a
+    session stored before the minimum existed is charged the minimum, not less). The one rule
+    for quotas, placement and the dashboard's reserved figures."""
+    return Greatest(field, Value(settings.SESSION_MIN_CPU))
+
+
+def charged_memory(field: str = "memory_mb"):
+    """The memory a session counts for: at least SESSION_MIN_MEMORY_MB (see charged_cpu)."""
+    return Greatest(field, Value(settings.SESSION_MIN_MEMORY_MB))

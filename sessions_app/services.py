@@ -8,15 +8,14 @@ import secrets
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import Sum, Value
-from django.db.models.functions import Greatest
+from django.db.models import Sum
 from django.utils import timezone
 
 from agent_clients.protocol import REPORTED_STATES
 from agents_app.commands import command_enqueue
 from agents_app.models import AgentCommand
 from agents_app.selectors import agent_select_for_session
-from sessions_app.limits import validate_cpu, validate_memory
+from sessions_app.limits import charged_cpu, charged_memory, validate_cpu, validate_memory
 from sessions_app.models import Quota, Session, SessionEvent, Template
 from sessions_app.states import CONSUMING_STATES, LIVE_STATES, State, next_state
 from streamspace.errors import Conflict, InvalidInput, QuotaExceeded
@@ -84,9 +83,8 @@ def quota_check(*, user, add_sessions: int, add_cpu: float, add_memory_mb: int, 
             sessions.filter(state__in=CONSUMING_STATES)
             .distinct()
             .aggregate(
-                # A session stored before the minimum existed is charged the minimum, not less.
-                cpu=Sum(Greatest("cpu", Value(settings.SESSION_MIN_CPU)), default=0.0),
-                memory=Sum(Greatest("memory_mb", Value(settings.SESSION_MIN_MEMORY_MB)), default=0),
+                cpu=Sum(charged_cpu(), default=0.0),
+                memory=Sum(charged_memory(), default=0),
             )
         )
         if live + add_sessions > max_sessions:

@@ -109,6 +109,17 @@ def test_the_cards_count_the_known_rows(carol_client, fleet, alice):
     assert 'data-stat="cpu_kubernetes"' not in html  # offline, nothing reserved: not listed
 
 
+def test_a_session_stored_below_the_minimum_is_reserved_as_the_scheduler_charges_it(carol_client, fleet, alice):
+    """Found by review: the card summed raw CPU while placement charges at least
+    SESSION_MIN_CPU (0.1) and SESSION_MIN_MEMORY_MB (64), so old sub-minimum sessions made the
+    fleet look emptier than the scheduler sees it. One rule now (sessions_app.limits)."""
+    eu = fleet["sessions"]["alice-running"].agent
+    session_row(alice, fleet["sessions"]["alice-running"].template, eu, State.RUNNING, cpu=1e-10, memory_mb=1)
+    html = page(carol_client.get("/dashboard/"))
+    assert stat(html, "cpu_docker") == "4.1 / 48"
+    assert stat(html, "memory_docker") == "3648 / 36864"
+
+
 def test_an_agent_whose_heartbeats_stopped_is_not_counted_online(carol_client, fleet):
     Agent.objects.filter(pk=fleet["us"].pk).update(last_heartbeat=timezone.now() - timedelta(hours=1))
     html = page(carol_client.get("/dashboard/live"))
