@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from agent_clients.backends.base import DEFAULT_MIN_CPU, DEFAULT_MIN_MEMORY_MB
 
 BACKENDS = {
-    "docker": "agent_clients.docker_backend:DockerBackend",
-    "kubernetes": "agent_clients.k8s_backend:KubernetesBackend",
+    "docker": "agent_clients.backends.docker:DockerBackend",
+    "kubernetes": "agent_clients.backends.kubernetes:KubernetesBackend",
 }
 LEADERSHIPS = {
-    "none": "agent_clients.leadership:AlwaysLeader",
-    "file": "agent_clients.ha:FileLeadership",
-    "redis": "agent_clients.ha:RedisLeadership",
-    "lease": "agent_clients.k8s_leader:LeaseLeadership",
+    "none": "agent_clients.leadership.base:AlwaysLeader",
+    "file": "agent_clients.leadership.file:FileLeadership",
+    "redis": "agent_clients.leadership.redis:RedisLeadership",
+    "lease": "agent_clients.leadership.lease:LeaseLeadership",
 }
 
 
@@ -62,7 +62,7 @@ class AgentConfig:
     # backend, whatever the control plane sent, so that no limit rounds to "none".
     session_min_cpu: float = DEFAULT_MIN_CPU
     session_min_memory_mb: int = DEFAULT_MIN_MEMORY_MB
-    log_format: str = "text"  # or "json": one object per line (agent_clients/logfmt.py)
+    log_format: str = "text"  # or "json": one object per line (agent_clients/runtime/logfmt.py)
     metrics_port: int = 0  # serve Prometheus metrics on this port (0: off)
     metrics_bind: str = "127.0.0.1"  # the address the metrics port listens on
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -125,7 +125,7 @@ def _ipv4_network(name: str, raw: str) -> str:
 
 
 def _egress_proxy(name: str, raw: str) -> str:
-    from agent_clients.egress import parse_proxy
+    from agent_clients.backends.egress import parse_proxy
 
     try:
         host, port = parse_proxy(raw) or ("", 0)
@@ -142,7 +142,7 @@ def _ipv4_list(name: str, raw: str) -> str:
 
 
 def _log_format(name: str, raw: str) -> str:
-    from agent_clients.logfmt import parse_format
+    from agent_clients.runtime.logfmt import parse_format
 
     try:
         return parse_format(raw)

@@ -2,7 +2,7 @@
 
 import sys
 
-from agent_clients.runtime import main
+from agent_clients.runtime.agent import main
 
 if __name__ == "__main__":
     sys.exit(main(default_backend="docker"))

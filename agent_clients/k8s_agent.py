@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from agent_clients.runtime import main
+from agent_clients.runtime.agent import main
 
 if __name__ == "__main__":
     sys.exit(main(default_backend="kubernetes"))

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db import transaction
 
 from agent_clients import protocol
-from agent_clients.logfmt import log_context
+from agent_clients.runtime.logfmt import log_context
 from agents_app import commands, selectors, services
 from sessions_app import selectors as session_selectors
 from vnc_app import relay

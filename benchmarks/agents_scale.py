@@ -68,7 +68,7 @@ class SimAgent:
         from websockets.asyncio.client import connect
 
         from agent_clients import protocol
-        from agent_clients.runtime import backoff_delay
+        from agent_clients.runtime.agent import backoff_delay
 
         attempt = 0
         url = f"{self.fleet.ws_url}/api/v1/agent/connect?agent_id={self.agent_id}"

@@ -145,7 +145,7 @@ def docker(*args: str) -> str:
 
 def cli_round(prefix: str, i: int, labels: list[str]) -> float:
     """The same work by hand with the Docker CLI: seconds until the RFB banner."""
-    from agent_clients.docker_backend import rfb_banner
+    from agent_clients.backends.docker import rfb_banner
 
     name = f"{prefix}-{i}"
     started = time.perf_counter()

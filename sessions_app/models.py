@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
-from agent_clients import egress
+from agent_clients.backends import egress
 from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.states import State
 from streamspace.errors import InvalidInput
@@ -14,7 +14,7 @@ from streamspace.text import validate_storable_json
 
 
 def validate_egress_allow(value) -> None:
-    """A list of "CIDR", "CIDR:port" or "port" strings (agent_clients.egress.parse_allow)."""
+    """A list of "CIDR", "CIDR:port" or "port" strings (agent_clients.backends.egress.parse_allow)."""
     try:
         egress.parse_allow(value)
     except ValueError as exc:

@@ -50,7 +50,7 @@ def json_logs(logger, **kwargs):
 
     if settings.LOG_FORMAT != "json":
         return
-    from agent_clients.logfmt import JsonFormatter
+    from agent_clients.runtime.logfmt import JsonFormatter
     from streamspace.log_redaction import RedactQueryTokens
 
     for handler in logger.handlers:

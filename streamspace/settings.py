@@ -312,7 +312,7 @@ if not DEBUG:
 X_FRAME_OPTIONS = "DENY"  # for browsers without CSP frame-ancestors
 
 # text (the default) or json: one object per line with the request, agent, command and
-# session ids that apply (agent_clients/logfmt.py, shared with the agents).
+# session ids that apply (agent_clients/runtime/logfmt.py, shared with the agents).
 LOG_FORMAT = env_str("LOG_FORMAT", "text").strip().lower()
 if LOG_FORMAT not in ("text", "json"):
     raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, got {LOG_FORMAT!r}")
@@ -322,7 +322,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "agent_clients.logfmt.JsonFormatter"},
+        "json": {"()": "agent_clients.runtime.logfmt.JsonFormatter"},
     },
     "filters": {
         "one_line": {"()": "streamspace.logs.ExceptionAsOneLine"},

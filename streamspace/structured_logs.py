@@ -1,4 +1,4 @@
-"""The control plane's side of structured logs (agent_clients/logfmt.py has the format
+"""The control plane's side of structured logs (agent_clients/runtime/logfmt.py has the format
 and the ids): a request id per HTTP request, and Daphne's access log as log records when
 ``LOG_FORMAT=json``."""
 
@@ -8,7 +8,7 @@ import logging
 import re
 import uuid
 
-from agent_clients.logfmt import log_context
+from agent_clients.runtime.logfmt import log_context
 
 HEADER = b"x-request-id"
 # What an incoming X-Request-ID may be to be kept (a proxy's or a client's trace id);

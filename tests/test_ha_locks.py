@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from agent_clients.config import AgentConfig
-from agent_clients.ha import FileLeadership, RedisLeadership
+from agent_clients.leadership.file import FileLeadership
+from agent_clients.leadership.redis import RedisLeadership
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("HA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -50,7 +51,7 @@ def _cfg(**kwargs) -> AgentConfig:
 
 CHILD = """
 import asyncio, sys, time
-from agent_clients.ha import FileLeadership
+from agent_clients.leadership.file import FileLeadership
 async def main():
     lead = FileLeadership(sys.argv[1], identity="child", retry_period=0.1)
     await lead.acquire()

@@ -18,7 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from agent_clients import protocol
-from agent_clients.logfmt import log_context
+from agent_clients.runtime.logfmt import log_context
 from sessions_app import selectors
 from sessions_app import services as session_services
 from sessions_app.states import State

@@ -49,7 +49,7 @@ class SessionSpec:
     keep_home: bool = False
     vnc_password: str = ""
     template: str = ""
-    egress: str = "internet"  # agent_clients.egress.MODES
+    egress: str = "internet"  # agent_clients.backends.egress.MODES
     egress_allow: tuple[str, ...] = ()  # extra destinations: "CIDR", "CIDR:port" or "port"
 
     @classmethod

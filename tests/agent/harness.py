@@ -23,8 +23,8 @@ from websockets.exceptions import ConnectionClosed
 from agent_clients import protocol
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
 from agent_clients.config import AgentConfig
-from agent_clients.leadership import AlwaysLeader
-from agent_clients.runtime import Agent
+from agent_clients.leadership.base import AlwaysLeader
+from agent_clients.runtime.agent import Agent
 
 TIMEOUT = 5.0
 TOKEN = "s3cret-agent-token"

@@ -277,8 +277,8 @@ async def test_a_void_command_waiting_for_its_turn_is_skipped():
 
 async def test_a_superseded_agent_stops_with_one_clear_line_and_a_non_zero_exit(caplog):
     """Close 4409 on the current socket: another process connected with this agent's id."""
-    from agent_clients.leadership import AlwaysLeader
-    from agent_clients.runtime import EXIT_SUPERSEDED, Agent
+    from agent_clients.leadership.base import AlwaysLeader
+    from agent_clients.runtime.agent import EXIT_SUPERSEDED, Agent
     from tests.agent.harness import make_config
 
     async with FakeControlPlane() as cp:

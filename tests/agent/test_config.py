@@ -130,7 +130,7 @@ def test_egress_resolvers_follow_systemd_resolved_as_dockerd_does(tmp_path):
     """Found by review: on a systemd-resolved host /etc/resolv.conf lists only 127.0.0.53
     and dockerd forwards to the upstream servers of /run/systemd/resolve/resolv.conf: those
     must be the ones a desktop may query, or DNS breaks in egress "internet"."""
-    from agent_clients.egress import resolvers
+    from agent_clients.backends.egress import resolvers
 
     stub, upstream, plain = tmp_path / "stub", tmp_path / "upstream", tmp_path / "plain"
     stub.write_text("nameserver 127.0.0.53\noptions edns0\n")

@@ -14,8 +14,8 @@ import pytest
 
 from agent_clients import protocol
 from agent_clients.backends.base import SessionStatus
-from agent_clients.leadership import Leadership
-from agent_clients.runtime import Agent, backoff_delay
+from agent_clients.leadership.base import Leadership
+from agent_clients.runtime.agent import Agent, backoff_delay
 from tests.agent.harness import FakeControlPlane, Gate, GatedBackend, create_payload, make_config, running_agent
 from tests.support.file_backend import FileBackend
 

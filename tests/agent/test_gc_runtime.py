@@ -58,7 +58,7 @@ async def answer_a_round(conn) -> list[int]:
 
 
 async def test_a_round_asks_in_chunks_acts_on_verdicts_only_and_logs_unknown_ids_once(caplog):
-    caplog.set_level(logging.INFO, logger="agent_clients.runtime")
+    caplog.set_level(logging.INFO, logger="agent_clients.runtime.agent")
     backend = CollectingBackend()
     gate = backend.gate("create", IN_FLIGHT)
     async with FakeControlPlane() as cp, running_agent(cp, backend, gc_interval=3600.0, gc_grace=60.0) as agent:

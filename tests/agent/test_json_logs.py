@@ -18,7 +18,7 @@ import subprocess
 import pytest
 from websockets.sync.client import connect
 
-from agent_clients import logfmt
+from agent_clients.runtime import logfmt
 from agents_app.models import Agent, AgentCommand
 from agents_app.services import agent_register
 from sessions_app.models import Session, Template

@@ -12,7 +12,7 @@ import pytest
 
 from agent_clients import protocol
 from agent_clients.backends.base import SessionStatus
-from agent_clients.tunnels import TunnelManager
+from agent_clients.runtime.tunnels import TunnelManager
 from tests.agent.harness import FakeControlPlane, GatedBackend, TunnelPeer, running_agent
 from tests.support.echo_server import start_echo_server, start_sink_server
 

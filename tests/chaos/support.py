@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import docker.errors
 
-from agent_clients.docker_backend import container_name
+from agent_clients.backends.docker import container_name
 from agents_app.models import AgentCommand
 from sessions_app.models import Session
 from sessions_app.states import State

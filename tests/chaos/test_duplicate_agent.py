@@ -95,6 +95,6 @@ def test_a_second_copy_of_an_agent_supersedes_the_first_which_stops(
 
 
 def _started_at(client, session_id: str) -> str:
-    from agent_clients.docker_backend import container_name
+    from agent_clients.backends.docker import container_name
 
     return client.containers.get(container_name(session_id)).attrs["State"]["StartedAt"]

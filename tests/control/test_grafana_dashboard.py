@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_clients.metrics import AgentMetrics
+from agent_clients.runtime.metrics import AgentMetrics
 from streamspace.metrics import REGISTRY
 
 pytestmark = pytest.mark.django_db

@@ -58,7 +58,7 @@ def agent_id() -> str:
 
 @pytest.fixture(scope="session")
 def backend(docker_client, agent_id):
-    from agent_clients.docker_backend import DockerBackend
+    from agent_clients.backends.docker import DockerBackend
 
     b = DockerBackend(docker_client, agent_id=agent_id, max_sessions=20, rfb_timeout=30)
     yield b

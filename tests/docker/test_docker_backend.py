@@ -10,7 +10,7 @@ import docker
 import pytest
 
 from agent_clients.backends.base import BackendError, SessionSpec
-from agent_clients.docker_backend import DockerBackend, container_name, network_name, volume_name
+from agent_clients.backends.docker import DockerBackend, container_name, network_name, volume_name
 from tests.docker.conftest import IMAGE
 from tests.docker.rfb import RFBError, Viewer, handshake
 

@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from agent_clients.backends.base import BackendError
-from agent_clients.docker_backend import (
+from agent_clients.backends.docker import (
     LABEL_AGENT,
     LABEL_KEEP_HOME,
     LABEL_MANAGED,

@@ -12,7 +12,7 @@ import docker
 import pytest
 
 from agent_clients.backends.base import BackendError, SessionSpec
-from agent_clients.docker_backend import DockerBackend, container_name
+from agent_clients.backends.docker import DockerBackend, container_name
 
 pytestmark = pytest.mark.docker
 
@@ -83,7 +83,7 @@ def test_a_container_made_without_limits_is_not_woken(backend, docker_client, ne
     NanoCpus 0: no limit) was woken as it was. Such a container is refused with a reason and
     stays stopped. The old code's container is made by patching ``nano_cpus`` to return 0
     (what ``int(1e-10 * 1e9)`` gave), the one stand-in here."""
-    from agent_clients import docker_backend
+    from agent_clients.backends import docker as docker_backend
 
     spec = new_session(cpu=0.5, memory_mb=256)
     monkeypatch.setattr(docker_backend, "nano_cpus", lambda cores: 0)

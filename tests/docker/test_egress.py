@@ -21,9 +21,9 @@ import uuid
 import docker.errors
 import pytest
 
-from agent_clients import egress as eg
+from agent_clients.backends import egress as eg
 from agent_clients.backends.base import BackendError
-from agent_clients.docker_backend import DockerBackend, container_name, network_name, volume_name
+from agent_clients.backends.docker import DockerBackend, container_name, network_name, volume_name
 from tests.live import wait_for
 
 USER = "user"  # the desktop image's user

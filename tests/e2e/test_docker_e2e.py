@@ -14,7 +14,7 @@ import docker.errors
 import pytest
 import redis
 
-from agent_clients.docker_backend import container_name, network_name, volume_name
+from agent_clients.backends.docker import container_name, network_name, volume_name
 from agents_app.models import Agent, AgentCommand
 from sessions_app.models import Session, Template
 from sessions_app.states import State

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from agent_clients.docker_backend import (
+from agent_clients.backends.docker import (
     LABEL_AGENT,
     LABEL_KEEP_HOME,
     LABEL_MANAGED,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest_asyncio
 from kmock import Server
 
-from agent_clients import k8s_backend, k8s_leader
+from agent_clients.backends import kubernetes as k8s_backend
+from agent_clients.leadership import lease as k8s_leader
 from tests.k8s.emulator import CASEmulator, FakeKubelet, calls, declare_resources
 
 ALLOWED = k8s_backend.API_CALLS | k8s_leader.API_CALLS

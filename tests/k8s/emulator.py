@@ -36,7 +36,7 @@ import kmock
 import kubernetes
 from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 
-from agent_clients import k8s_backend
+from agent_clients.backends import kubernetes as k8s_backend
 
 RESOURCES = [
     "apps/v1/deployments",

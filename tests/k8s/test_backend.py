@@ -22,9 +22,9 @@ import kmock
 import kubernetes
 import pytest
 
-from agent_clients import k8s_manifests as m
+from agent_clients.backends import k8s_manifests as m
 from agent_clients.backends.base import BackendError, SessionSpec, SessionStatus
-from agent_clients.k8s_backend import KubernetesBackend
+from agent_clients.backends.kubernetes import KubernetesBackend
 from tests.k8s.emulator import api_client, calls
 
 pytestmark = pytest.mark.asyncio

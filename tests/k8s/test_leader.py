@@ -25,7 +25,7 @@ import time
 import kubernetes
 import pytest
 
-from agent_clients.k8s_leader import LeaseLeadership
+from agent_clients.leadership.lease import LeaseLeadership
 from tests.k8s.emulator import Partition, api_client
 
 pytestmark = pytest.mark.asyncio

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent_clients import k8s_manifests as m
+from agent_clients.backends import k8s_manifests as m
 from agent_clients.backends.base import BackendError
 from tests.k8s.test_manifests import spec
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from agent_clients import egress as eg
-from agent_clients import k8s_manifests as m
+from agent_clients.backends import egress as eg
+from agent_clients.backends import k8s_manifests as m
 from agent_clients.backends.base import BackendError, SessionSpec
 
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

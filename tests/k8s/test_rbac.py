@@ -24,8 +24,9 @@ import kubernetes
 import pytest
 import yaml
 
-from agent_clients import k8s_backend, k8s_leader
+from agent_clients.backends import kubernetes as k8s_backend
 from agent_clients.backends.base import SessionSpec
+from agent_clients.leadership import lease as k8s_leader
 from tests.k8s.emulator import FakeKubelet, api_client, calls
 from tests.k8s.test_leader import candidate
 

@@ -35,9 +35,9 @@ from typing import Any
 
 from agent_clients import protocol
 from agent_clients.backends.base import BackendError
-from agent_clients.deadlines import within
+from agent_clients.runtime.deadlines import within
 
-log = logging.getLogger("agent_clients.tunnels")
+log = logging.getLogger("agent_clients.runtime.tunnels")
 
 SendText = Callable[[str, dict[str, Any]], Awaitable[None]]
 SendBytes = Callable[[bytes], Awaitable[None]]
@@ -196,7 +196,7 @@ class TunnelManager:
         self, backend: Any, send_text: SendText, send_bytes: SendBytes, *, window: int | None = None, metrics=None
     ):
         self.backend = backend
-        self.metrics = metrics  # agent_clients.metrics.AgentMetrics, or None
+        self.metrics = metrics  # agent_clients.runtime.metrics.AgentMetrics, or None
         self.send_text = send_text
         self.send_bytes = send_bytes
         self.window = window or protocol.TUNNEL_WINDOW

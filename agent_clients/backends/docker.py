@@ -37,7 +37,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from agent_clients import egress as eg
+from agent_clients.backends import egress as eg
 from agent_clients.backends.base import (
     DEFAULT_MIN_CPU,
     DEFAULT_MIN_MEMORY_MB,
@@ -57,7 +57,7 @@ LABEL_VNC_PORT = "streamspace.vnc_port"  # the container-side VNC port (template
 # On home volumes: "true" if the session asked to keep its home after terminate. The garbage
 # collector removes only volumes labelled "false" (a volume without the label predates it).
 LABEL_KEEP_HOME = "streamspace.keep_home"
-# On containers: the session's egress policy (agent_clients.egress), so that the agent can
+# On containers: the session's egress policy (agent_clients.backends.egress), so that the agent can
 # re-assert its rules after a restart or a wake without asking the control plane.
 LABEL_EGRESS = "streamspace.egress"
 LABEL_EGRESS_ALLOW = "streamspace.egress_allow"  # comma-separated egress_allow entries
@@ -221,7 +221,7 @@ class DockerBackend(Backend):
         self._expected_stops: set[str] = set()
         self._lock = threading.Lock()
         self._host_info: dict[str, Any] | None = None
-        # Egress policy: iptables chains per session (agent_clients.egress). DNS is allowed
+        # Egress policy: iptables chains per session (agent_clients.backends.egress). DNS is allowed
         # (mode internet) to the host's resolvers, which dockerd forwards queries to from the
         # container's namespace.
         self.firewall = firewall or eg.IptablesEgress()

@@ -16,7 +16,7 @@ addresses: never the Docker host, the private or special ranges).
 This module is pure Python (no Django): the control plane validates template fields with
 :func:`parse_allow` and the agents render rules from the same parse. On Docker the rules
 are iptables chains (:class:`IptablesEgress`); on Kubernetes a NetworkPolicy
-(``agent_clients.k8s_manifests.make_network_policy``).
+(``agent_clients.backends.k8s_manifests.make_network_policy``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Kubernetes backend: one Deployment (replicas 1/0 for wake/hibernate), Service,
-PVC and Secret per session, built by :mod:`agent_clients.k8s_manifests`; VNC through
+PVC and Secret per session, built by :mod:`agent_clients.backends.k8s_manifests`; VNC through
 the API server's port-forward.
 
 The cluster is the source of truth: everything the agent makes carries the label
@@ -11,7 +11,7 @@ non-retryable :class:`BackendError` with the API server's own message.
 
 ``API_CALLS`` is the exact set of (resource, verb) pairs this module calls. The Role in
 ``deploy/kubernetes/base`` grants exactly these plus the Lease verbs of
-``agent_clients.k8s_leader.API_CALLS``; tests/k8s/test_rbac.py checks both the Role and
+``agent_clients.leadership.lease.API_CALLS``; tests/k8s/test_rbac.py checks both the Role and
 the emulator's request log against it.
 """
 
@@ -32,8 +32,8 @@ import kubernetes
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from agent_clients import egress as eg
-from agent_clients import k8s_manifests as m
+from agent_clients.backends import egress as eg
+from agent_clients.backends import k8s_manifests as m
 from agent_clients.backends.base import (
     DEFAULT_MIN_CPU,
     DEFAULT_MIN_MEMORY_MB,

@@ -1,7 +1,7 @@
 """Leader election for agent replicas: only the leader connects and acts.
 
 Backends: :class:`AlwaysLeader` (one replica), the file and Redis locks for Docker
-hosts (``agent_clients.ha``), and the Kubernetes Lease (``agent_clients.k8s_leader``).
+hosts (``agent_clients.leadership.file`` and ``.redis``), and the Kubernetes Lease (``agent_clients.leadership.lease``).
 """
 
 from __future__ import annotations

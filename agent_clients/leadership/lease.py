@@ -13,7 +13,7 @@
 * ``release()`` clears the holder so a standby takes over at once.
 
 Blocking client calls run in threads (``asyncio.to_thread``); a hung API call cannot
-keep a leader in office past its deadline (``asyncio.timeout``: see ``agent_clients.deadlines``).
+keep a leader in office past its deadline (``asyncio.timeout``: see ``agent_clients.runtime.deadlines``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from agent_clients.deadlines import within
-from agent_clients.leadership import Leadership
+from agent_clients.leadership.base import Leadership
+from agent_clients.runtime.deadlines import within
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class LeaseLeadership(Leadership):
 
     @classmethod
     def from_config(cls, cfg: Any) -> LeaseLeadership:
-        from agent_clients.k8s_backend import load_api_client
+        from agent_clients.backends.kubernetes import load_api_client
 
         return cls(
             load_api_client(),

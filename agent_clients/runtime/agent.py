@@ -44,15 +44,16 @@ from typing import Any, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent_clients import logfmt, protocol
+from agent_clients import protocol
 from agent_clients.backends.base import Backend, BackendError, SessionSpec, SessionStatus
 from agent_clients.config import BACKENDS, LEADERSHIPS, AgentConfig, ConfigError, import_dotted, parse_config
-from agent_clients.deadlines import within
-from agent_clients.leadership import Leadership
-from agent_clients.metrics import AgentMetrics
-from agent_clients.tunnels import TunnelManager
+from agent_clients.leadership.base import Leadership
+from agent_clients.runtime import logfmt
+from agent_clients.runtime.deadlines import within
+from agent_clients.runtime.metrics import AgentMetrics
+from agent_clients.runtime.tunnels import TunnelManager
 
-log = logging.getLogger("agent_clients.runtime")
+log = logging.getLogger("agent_clients.runtime.agent")
 
 AGENT_VERSION = "0.1.0"
 RESULT_CACHE_SIZE = 10_000
@@ -148,7 +149,7 @@ class Agent:
         self._unknown_logged: set[str] = set()
         self.gc_rounds = 0
 
-        # observable counters (tests, logs); Prometheus series on METRICS_PORT (agent_clients/metrics.py)
+        # observable counters (tests, logs); Prometheus series on METRICS_PORT (agent_clients/runtime/metrics.py)
         self.metrics = AgentMetrics()
         self.metrics.tunnels_open.set_function(lambda: len(self.tunnels) if self.tunnels is not None else 0)
         self.metrics.connected.set_function(lambda: 1 if self._ws is not None else 0)

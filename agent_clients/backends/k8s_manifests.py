@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from agent_clients import egress as eg
+from agent_clients.backends import egress as eg
 from agent_clients.backends.base import DEFAULT_MIN_CPU, DEFAULT_MIN_MEMORY_MB, BackendError, SessionSpec
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -231,7 +231,7 @@ def _ports(port: int, protocols: tuple[str, ...] = ("TCP", "UDP")) -> list[dict[
 def make_network_policy(
     spec: SessionSpec, agent_id: str, namespace: str, *, egress_proxy: tuple[str, int] | None = None
 ) -> dict[str, Any]:
-    """The session pod's egress policy (agent_clients.egress): ``internet`` = 0.0.0.0/0
+    """The session pod's egress policy (agent_clients.backends.egress): ``internet`` = 0.0.0.0/0
     except the private and special ranges, plus DNS to kube-dns; ``none`` = nothing;
     ``proxy`` = the agent's proxy only; ``egress_allow`` entries on top of any mode.
     Egress only: ingress (the agent's port-forward goes through the kubelet) is unchanged."""
