@@ -25,6 +25,7 @@ LEADERSHIPS = {
     "file": "agent_clients.leadership.file:FileLeadership",
     "redis": "agent_clients.leadership.redis:RedisLeadership",
     "lease": "agent_clients.leadership.lease:LeaseLeadership",
+    "swarm": "agent_clients.leadership.swarm:SwarmLeadership",
 }
 
 
@@ -47,6 +48,7 @@ class AgentConfig:
     ha_lock_path: str = "/var/lock/streamspace-agent-leader.lock"
     ha_redis_url: str = "redis://127.0.0.1:6379/0"
     ha_lock_name: str = ""  # defaults to the agent id: replicas of one agent share it
+    ha_swarm_docker_host: str = ""  # a Swarm manager's API for HA_BACKEND=swarm (default: DOCKER_HOST)
     ha_lease_duration: float = 15.0
     ha_renew_deadline: float = 10.0
     ha_retry_period: float = 2.0
@@ -179,6 +181,7 @@ _SETTINGS = {
     "ha_lock_path": ("HA_LOCK_PATH", None),
     "ha_redis_url": ("HA_REDIS_URL", None),
     "ha_lock_name": ("HA_LOCK_NAME", None),
+    "ha_swarm_docker_host": ("HA_SWARM_DOCKER_HOST", None),
     "ha_lease_duration": ("HA_LEASE_DURATION", _positive_float),
     "ha_renew_deadline": ("HA_RENEW_DEADLINE", _positive_float),
     "ha_retry_period": ("HA_RETRY_PERIOD", _positive_float),

@@ -28,6 +28,7 @@ SAMPLES = {
     "ha_lock_path": ("/tmp/lock", "/tmp/lock"),
     "ha_redis_url": ("redis://10.0.0.1:6379/2", "redis://10.0.0.1:6379/2"),
     "ha_lock_name": ("lock-x", "lock-x"),
+    "ha_swarm_docker_host": ("tcp://manager.example:2376", "tcp://manager.example:2376"),
     "ha_lease_duration": ("20", 20.0),
     "ha_renew_deadline": ("12", 12.0),
     "ha_retry_period": ("3", 3.0),
