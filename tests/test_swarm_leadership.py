@@ -117,8 +117,9 @@ def _leave_swarm(client: docker.DockerClient, made: dict[str, object]) -> None:
         if others:  # someone else started using the swarm we made: leave it to them
             print(f"swarm: NOT leaving, it now holds others' objects: {others}", flush=True)
             return
-        print("swarm: leave --force", flush=True)
+        started = time.monotonic()
         _run("docker", "swarm", "leave", "--force")
+        print(f"swarm: left ({time.monotonic() - started:.1f} s)", flush=True)
         if not made["gwbridge_existed"]:
             deadline = time.monotonic() + 15
             while _run("docker", "network", "rm", "docker_gwbridge", check=False).returncode != 0:
@@ -483,6 +484,7 @@ def agent_service(engine, image_id):
         name=f"{PREFIX}-svc-{uuid.uuid4().hex[:8]}",
         mode=docker.types.ServiceMode("replicated", 1),
         labels={"streamspace.test": "swarm-leadership"},
+        stop_signal="SIGKILL",  # sleep as PID 1 ignores SIGTERM: no 10 s grace period at removal
     )
     try:
         yield service

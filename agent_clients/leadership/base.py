@@ -1,7 +1,8 @@
 """Leader election for agent replicas: only the leader connects and acts.
 
 Backends: :class:`AlwaysLeader` (one replica), the file and Redis locks for Docker
-hosts (``agent_clients.leadership.file`` and ``.redis``), and the Kubernetes Lease (``agent_clients.leadership.lease``).
+hosts (``agent_clients.leadership.file`` and ``.redis``), a Swarm config for Docker Swarm
+(``.swarm``), and the Kubernetes Lease (``agent_clients.leadership.lease``).
 """
 
 from __future__ import annotations

@@ -7,12 +7,11 @@ kept in the managers' raft store. Its labels are the record: ``streamspace.leade
 read; the engine refuses a stale one ("update out of sequence"), so of several racing
 writers exactly one wins. Only labels of a config can change, and nothing else writes them.
 
-Why not labels on the agent's own service: a label-only service update does not restart
-tasks, but every renewal would bump the service's version, so an operator's ``docker
-service update`` or ``docker stack deploy`` (read, then update with that version) would
-fail with "update out of sequence" whenever a renewal came in between, and ``docker stack
-deploy`` writes the compose file's labels, wiping the record under a live leader. A
-config of its own avoids both; the agent never writes its service.
+Why not labels on the agent's own service (a label-only service update would not restart
+its tasks): ``docker stack deploy`` writes the compose file's labels, which wipes the
+record under a live leader and lets a standby take it at once; and every renewal bumps
+the service's version, so an operator's read-then-update can meet "update out of
+sequence". A config of its own avoids both; the agent never writes its service.
 
 * No wall clock is compared across nodes. A standby measures the holder's silence on its
   own monotonic clock: the config's version index (every write bumps it, so every renewal
@@ -157,9 +156,8 @@ class SwarmLeadership(Leadership):
     def _docker(self) -> docker.DockerClient:
         with self._client_lock:
             if self._client is None:
-                env = dict(os.environ)
-                if self.docker_host:
-                    env["DOCKER_HOST"] = self.docker_host
+                # The agent's engine (DOCKER_HOST and its TLS settings), or exactly the manager named.
+                env = {"DOCKER_HOST": self.docker_host} if self.docker_host else dict(os.environ)
                 self._client = docker.from_env(environment=env, version=_API_VERSION, timeout=self.call_timeout)
             return self._client
 
