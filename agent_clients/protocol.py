@@ -72,6 +72,9 @@ REPORTED_STATES = frozenset({"running", "starting", "hibernated", "stopped", "fa
 
 PLATFORMS = frozenset({"kubernetes", "docker", "vm", "cloud"})
 
+# What a tunnel carries (``tunnel_open``'s ``stream``; absent means "vnc").
+STREAMS = ("vnc", "audio")
+
 log = logging.getLogger(__name__)
 
 
@@ -263,7 +266,9 @@ CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
     },
     # The control plane gave up on this execution of a command: do not start it.
     "void": {"command_id": _str, "execution": _execution, "reason": lambda v: isinstance(v, str)},
-    "tunnel_open": {"tunnel_id": _tunnel, "session_id": _str},
+    # ``stream``: what the tunnel carries, the desktop's VNC server (absent or "vnc") or its
+    # sound ("audio": an Ogg Opus stream, from templates with sound).
+    "tunnel_open": {"tunnel_id": _tunnel, "session_id": _str, "stream": lambda v: v in (None, *STREAMS)},
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
     "error": {"reason": lambda v: isinstance(v, str), "ref": _opt_str},

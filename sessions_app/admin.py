@@ -18,7 +18,7 @@ class TemplateAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
     fieldsets = [
         (None, {"fields": [
-            "slug", "name", "description", "image", "vnc_port", "default_cpu", "default_memory_mb", "env",
+            "slug", "name", "description", "image", "vnc_port", "sound", "default_cpu", "default_memory_mb", "env",
             "volume_mount_path", "enabled", "platform", "region", "egress", "egress_allow",
         ]}),
         ("Lifecycle policy (empty: the environment's default; a group's policy overrides)",

@@ -16,7 +16,7 @@ class TemplateSerializer(serializers.ModelSerializer):
         model = Template
         fields = [
             "slug", "name", "description", "image", "default_cpu", "default_memory_mb", "platform", "region",
-            "egress", "egress_allow",
+            "egress", "egress_allow", "sound",
         ]  # fmt: skip
 
 

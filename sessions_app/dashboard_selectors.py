@@ -49,7 +49,7 @@ def dashboard_summary() -> dict:
     agents = Agent.objects.aggregate(total=Count("id"), online=Count("id", filter=_online()))
     by_state = dict(Session.objects.values_list("state").annotate(n=Count("id")).order_by())
     users = Session.objects.filter(state__in=CONSUMING_STATES).aggregate(active=Count("owner", distinct=True))
-    viewers = VNCConnection.objects.filter(closed_at__isnull=True).count()
+    viewers = VNCConnection.objects.filter(closed_at__isnull=True, stream="vnc").count()  # not the sound sockets
     return {
         "agents_total": agents["total"],
         "agents_online": agents["online"],

@@ -30,6 +30,9 @@ class Template(models.Model):
     description = models.TextField(blank=True, default="")
     image = models.CharField(max_length=255)
     vnc_port = models.PositiveIntegerField(default=5901)
+    sound = models.BooleanField(
+        default=False, help_text="The desktop's sound is streamed to the viewer (its image must serve SOUND_PORT)"
+    )
     default_cpu = models.FloatField(default=1.0)
     default_memory_mb = models.PositiveIntegerField(default=1024)
     env = models.JSONField(default=dict, blank=True, validators=[validate_storable_json])
@@ -89,6 +92,7 @@ class Template(models.Model):
             "slug": self.slug,
             "image": self.image,
             "vnc_port": self.vnc_port,
+            "sound": self.sound,
             "env": self.env,
             "volume_mount_path": self.volume_mount_path,
             "egress": self.egress,

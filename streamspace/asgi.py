@@ -15,6 +15,7 @@ from django.urls import path, re_path  # noqa: E402
 from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
 from streamspace import body_limit, daphne_close_reason, log_redaction, structured_logs  # noqa: E402
+from vnc_app.audio import AudioConsumer  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
@@ -39,6 +40,8 @@ websocket_routes = URLRouter(
         # Any spelling of a session id, as on the REST API: the same selector decides what
         # it names (an upper-case UUID is that session; no UUID at all: 4404 no such session).
         path("api/v1/vnc/<str:session_id>", AuthMiddlewareStack(JWTQueryAuthMiddleware(VncConsumer.as_asgi()))),
+        # The desktop's sound (templates with sound): the same authentication and checks.
+        path("api/v1/audio/<str:session_id>", AuthMiddlewareStack(JWTQueryAuthMiddleware(AudioConsumer.as_asgi()))),
         re_path(r"", no_such_socket),
     ]
 )

@@ -93,3 +93,13 @@ def test_bad_binary_frames_are_refused(frame, too_large):
 def test_the_models_and_the_protocol_name_the_same_commands_and_platforms():
     assert set(AgentCommand.Type.values) == protocol.COMMAND_TYPES
     assert set(Agent.Platform.values) == protocol.PLATFORMS
+
+
+def test_a_tunnel_names_its_stream_or_none():
+    """Absent (what every agent understands) or one of the streams; nothing else."""
+    for stream in (None, "vnc", "audio"):
+        payload = {"tunnel_id": 1, "session_id": "s-1", **({"stream": stream} if stream else {})}
+        assert protocol.decode_control_message(protocol.encode("tunnel_open", payload)).payload == payload
+    bad = protocol.encode("tunnel_open", {"tunnel_id": 1, "session_id": "s-1", "stream": "video"})
+    with pytest.raises(protocol.ProtocolError, match="'stream' is missing or invalid"):
+        protocol.decode_control_message(bad)

@@ -8,6 +8,7 @@ class VNCConnectionAdmin(admin.ModelAdmin):
     list_display = [
         "session",
         "user",
+        "stream",
         "client_address",
         "opened_at",
         "closed_at",
@@ -15,7 +16,7 @@ class VNCConnectionAdmin(admin.ModelAdmin):
         "bytes_from_client",
         "close_reason",
     ]
-    list_filter = ["opened_at"]
+    list_filter = ["stream", "opened_at"]
     search_fields = ["session__id", "user__username", "client_address"]
     list_select_related = ["session", "user"]
     readonly_fields = [f.name for f in VNCConnection._meta.fields]

@@ -47,12 +47,14 @@ def same_origin(scope) -> bool:
 
 @database_sync_to_async
 def _load(user, session_id):
-    """(session id, agent channel, state) if the user may view the session; NotFound otherwise."""
+    """(session id, agent channel, state, template has sound) if the user may view the
+    session; NotFound otherwise."""
     session = selectors.session_get_for_user(user=user, session_id=session_id)
-    return session.pk, (session.agent.channel_name if session.agent else ""), session.state
+    return session.pk, (session.agent.channel_name if session.agent else ""), session.state, session.template.sound
 
 
 class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
+    stream = "vnc"  # what the tunnel carries (protocol.STREAMS); vnc_app.audio.AudioConsumer: "audio"
     tunnel_id: int | None = None
     connection_pk: int | None = None
     session_id = None  # the session's UUID once connect has found it
@@ -88,11 +90,14 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             await self._finish(protocol.CLOSE_FORBIDDEN, "cross-site viewer connections need ?token=<JWT>")
             return
         try:
-            self.session_id, self.agent_channel, state = await _load(
+            self.session_id, self.agent_channel, state, sound = await _load(
                 user, self.scope["url_route"]["kwargs"]["session_id"]
             )
         except NotFound:
             await self._finish(protocol.CLOSE_NOT_FOUND, "no such session")
+            return
+        if refusal := self.refusal(sound=sound):
+            await self._finish(*refusal)
             return
         if state != State.RUNNING:
             await self._finish(protocol.CLOSE_UNAVAILABLE, f"the session is {state}, not running")
@@ -102,7 +107,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             return
         client = self.scope.get("client") or ("", 0)
         self.connection_pk = await database_sync_to_async(services.vnc_connection_open)(
-            session_id=self.session_id, user_id=user.pk, client_address=str(client[0])
+            session_id=self.session_id, user_id=user.pk, client_address=str(client[0]), stream=self.stream
         )
         self.tunnel_id = secrets.randbits(32)
         relay.register(self)
@@ -114,11 +119,16 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
                 "tunnel_id": self.tunnel_id,
                 "session_id": str(self.session_id),
                 "viewer": self.channel_name,
+                "stream": self.stream,
             },
         )
         self.open_timer = asyncio.create_task(self._open_deadline())
         with log_context(session_id=self.session_id):
             log.info("viewer of %s connected: tunnel %s", self.session_id, self.tunnel_id)
+
+    def refusal(self, *, sound: bool) -> tuple[int, str] | None:
+        """(close code, reason) when this socket is not offered for the session; None otherwise."""
+        return None
 
     async def _open_deadline(self):
         await asyncio.sleep(OPEN_TIMEOUT)

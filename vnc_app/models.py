@@ -8,6 +8,8 @@ class VNCConnection(models.Model):
     session = models.ForeignKey("sessions_app.Session", on_delete=models.CASCADE, related_name="vnc_connections")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True)
     client_address = models.CharField(max_length=64, blank=True, default="")
+    # What the connection carried: the desktop (VNC) or its sound (the viewer's second socket).
+    stream = models.CharField(max_length=8, choices=[("vnc", "VNC"), ("audio", "Sound")], default="vnc")
     opened_at = models.DateTimeField(auto_now_add=True)
     # When the agent reported the tunnel open (the tunnel open latency is this minus opened_at).
     tunnel_ready_at = models.DateTimeField(null=True, blank=True)

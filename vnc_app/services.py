@@ -7,8 +7,10 @@ from django.utils import timezone
 from vnc_app.models import VNCConnection
 
 
-def vnc_connection_open(*, session_id, user_id: int, client_address: str) -> int:
-    return VNCConnection.objects.create(session_id=session_id, user_id=user_id, client_address=client_address[:64]).pk
+def vnc_connection_open(*, session_id, user_id: int, client_address: str, stream: str = "vnc") -> int:
+    return VNCConnection.objects.create(
+        session_id=session_id, user_id=user_id, client_address=client_address[:64], stream=stream
+    ).pk
 
 
 def vnc_connection_tunnel_ready(*, connection_pk: int) -> None:

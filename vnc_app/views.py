@@ -43,5 +43,7 @@ def viewer(request, session_id):
         "rfb_module_url": static("novnc/core/rfb.js"),
         "login_url": f"{reverse('portal:login')}?{urlencode({'next': request.get_full_path()})}",
         "portal_url": reverse("portal:home"),
+        # The second socket, for templates with sound (static/js/viewer-audio.js); absent otherwise.
+        "audio_url": f"{scheme}://{request.get_host()}/api/v1/audio/{session.pk}" if session.template.sound else "",
     }
     return render(request, "vnc/viewer.html", {"session": session, "viewer_config": config})

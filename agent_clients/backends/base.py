@@ -51,6 +51,7 @@ class SessionSpec:
     template: str = ""
     egress: str = "internet"  # agent_clients.backends.egress.MODES
     egress_allow: tuple[str, ...] = ()  # extra destinations: "CIDR", "CIDR:port" or "port"
+    sound: bool = False  # the template's sound: the desktop serves an Opus stream on SOUND_PORT
 
     @classmethod
     def from_payload(cls, session_id: str, payload: dict[str, Any]) -> SessionSpec:
@@ -70,6 +71,7 @@ class SessionSpec:
                 template=str(template.get("slug", "")),
                 egress=str(template.get("egress") or "internet"),
                 egress_allow=tuple(str(e) for e in template.get("egress_allow") or ()),
+                sound=template.get("sound") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackendError(f"invalid create_session payload: {exc}", retryable=False) from None
@@ -161,6 +163,19 @@ class Backend(abc.ABC):
             return await asyncio.open_connection(host, port)
         except OSError as exc:
             raise BackendError(f"VNC server unreachable: {exc}", retryable=True) from None
+
+    def audio_endpoint(self, session_id: str) -> tuple[str, int]:
+        """(host, port) of the session's sound stream (Ogg Opus over TCP). Backends that
+        carry sound override this; the others refuse, which the viewer hears as a reason."""
+        raise BackendError("this platform does not carry sound", retryable=False)
+
+    async def open_audio_stream(self, session_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An asyncio stream to the session's sound server (see ``audio_endpoint``)."""
+        host, port = await asyncio.to_thread(self.audio_endpoint, session_id)
+        try:
+            return await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise BackendError(f"sound server unreachable: {exc}", retryable=True) from None
 
     def close(self) -> None:  # noqa: B027 (optional hook, empty by default)
         """Release clients and pools."""

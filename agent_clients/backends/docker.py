@@ -54,6 +54,10 @@ LABEL_SESSION = "streamspace.session"
 LABEL_OWNER = "streamspace.owner"
 LABEL_AGENT = "streamspace.agent"
 LABEL_VNC_PORT = "streamspace.vnc_port"  # the container-side VNC port (templates may differ)
+# Templates with sound: the container-side port of the desktop's Opus stream (the image's
+# SOUND_PORT), published on 127.0.0.1 like VNC; absent on desktops without sound.
+LABEL_SOUND_PORT = "streamspace.sound_port"
+SOUND_PORT = 5711
 # On home volumes: "true" if the session asked to keep its home after terminate. The garbage
 # collector removes only volumes labelled "false" (a volume without the label predates it).
 LABEL_KEEP_HOME = "streamspace.keep_home"
@@ -302,8 +306,10 @@ class DockerBackend(Backend):
         return self._host_info
 
     @staticmethod
-    def _host_port(container: Any) -> int | None:
-        port = (container.labels or {}).get(LABEL_VNC_PORT, "5901")
+    def _host_port(container: Any, label: str = LABEL_VNC_PORT, default: str | None = "5901") -> int | None:
+        port = (container.labels or {}).get(label, default)
+        if port is None:
+            return None
         bindings = (container.attrs.get("NetworkSettings") or {}).get("Ports") or {}
         for binding in bindings.get(f"{port}/tcp") or []:
             if binding.get("HostIp") in ("127.0.0.1", "") and binding.get("HostPort"):
@@ -580,6 +586,9 @@ class DockerBackend(Backend):
                 made,
             )
             env = {**spec.env, "VNC_PASSWORD": spec.vnc_password}
+            sound = {LABEL_SOUND_PORT: str(SOUND_PORT)} if spec.sound else {}
+            if spec.sound:
+                env["SOUND_PORT"] = str(SOUND_PORT)
             if spec.egress == "proxy" and self.egress_proxy:
                 env.update(eg.proxy_env(self.egress_proxy))
             container = self._call(
@@ -592,12 +601,13 @@ class DockerBackend(Backend):
                     LABEL_VNC_PORT: str(spec.vnc_port),
                     LABEL_EGRESS: spec.egress,
                     LABEL_EGRESS_ALLOW: ",".join(spec.egress_allow),
+                    **sound,
                 },
                 environment=env,
                 nano_cpus=nano_cpus(spec.cpu),
                 mem_limit=memory_bytes(spec.memory_mb),
                 memswap_limit=memory_bytes(spec.memory_mb),
-                ports={f"{spec.vnc_port}/tcp": ("127.0.0.1", None)},
+                ports={f"{port}/tcp": ("127.0.0.1", None) for port in (spec.vnc_port, *map(int, sound.values()))},
                 volumes={volume.name: {"bind": spec.home_path, "mode": "rw"}},
                 network=network.name,
                 hostname="streamspace",
@@ -853,6 +863,16 @@ class DockerBackend(Backend):
     def vnc_endpoint(self, session_id: str) -> tuple[str, int]:
         container = self._require(session_id)
         port = self._host_port(container) if container.status == "running" else None
+        if port is None:
+            raise BackendError(f"session {session_id} is not running", retryable=True)
+        return "127.0.0.1", port
+
+    @readable_errors("find the session's sound port")
+    def audio_endpoint(self, session_id: str) -> tuple[str, int]:
+        container = self._require(session_id)
+        if LABEL_SOUND_PORT not in (container.labels or {}):
+            raise BackendError(f"session {session_id} has no sound (its template has none)", retryable=False)
+        port = self._host_port(container, LABEL_SOUND_PORT, None) if container.status == "running" else None
         if port is None:
             raise BackendError(f"session {session_id} is not running", retryable=True)
         return "127.0.0.1", port

@@ -1,7 +1,8 @@
 """VNC tunnels between the agent's control socket and sessions' VNC servers.
 
-The control plane sends ``tunnel_open`` {tunnel_id, session_id}; the agent opens a TCP
-stream with ``backend.open_vnc_stream(session_id)`` and answers ``tunnel_ready`` or
+The control plane sends ``tunnel_open`` {tunnel_id, session_id, stream}; the agent opens a
+TCP stream with ``backend.open_vnc_stream(session_id)`` (or ``open_audio_stream`` for a
+``stream`` of "audio": the desktop's sound) and answers ``tunnel_ready`` or
 ``tunnel_error``. Bytes travel in binary frames (``protocol.pack_data``), many tunnels
 on one socket.
 
@@ -55,10 +56,11 @@ OPEN_TIMEOUT = 15.0
 class Tunnel:
     """One VNC stream relayed over the control socket."""
 
-    def __init__(self, manager: TunnelManager, tunnel_id: int, session_id: str, window: int):
+    def __init__(self, manager: TunnelManager, tunnel_id: int, session_id: str, window: int, stream: str = "vnc"):
         self.manager = manager
         self.id = tunnel_id
         self.session_id = session_id
+        self.stream = stream  # protocol.STREAMS: what the TCP end is
         self.window = window
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -210,30 +212,32 @@ class TunnelManager:
 
     # --- messages from the control plane ----------------------------------------------
 
-    def open(self, tunnel_id: int, session_id: str) -> None:
+    def open(self, tunnel_id: int, session_id: str, stream: str = "vnc") -> None:
         """Handle ``tunnel_open``: connect in the background, answer ready or error."""
         if self.closed:
             return
         if tunnel_id in self.tunnels:
             self._spawn(self.send_text("tunnel_error", {"tunnel_id": tunnel_id, "error": "tunnel id already in use"}))
             return
-        tunnel = Tunnel(self, tunnel_id, session_id, self.window)
+        tunnel = Tunnel(self, tunnel_id, session_id, self.window, stream)
         self.tunnels[tunnel_id] = tunnel
         tunnel.opener = asyncio.create_task(self._open(tunnel), name=f"tunnel-{tunnel_id}-open")
 
     async def _open(self, tunnel: Tunnel) -> None:
         try:
-            reader, writer = await within(OPEN_TIMEOUT, self.backend.open_vnc_stream(tunnel.session_id))
+            opener = self.backend.open_audio_stream if tunnel.stream == "audio" else self.backend.open_vnc_stream
+            reader, writer = await within(OPEN_TIMEOUT, opener(tunnel.session_id))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if isinstance(exc, BackendError):
                 error = exc.message
             elif isinstance(exc, TimeoutError):
-                error = "timed out connecting to the VNC server"
+                error = f"timed out connecting to the {'sound' if tunnel.stream == 'audio' else 'VNC'} server"
             else:
-                log.exception("tunnel %s: opening the VNC stream of %s failed", tunnel.id, tunnel.session_id)
-                error = "could not open the VNC stream"
+                log.exception("tunnel %s: opening the %s stream of %s failed", tunnel.id, tunnel.stream,
+                              tunnel.session_id)  # fmt: skip
+                error = f"could not open the {tunnel.stream} stream"
             log.warning("tunnel %s for session %s: %s", tunnel.id, tunnel.session_id, error)
             tunnel.closed = True
             self.tunnels.pop(tunnel.id, None)
@@ -252,7 +256,8 @@ class TunnelManager:
         tunnel.start()
         if self.metrics is not None:
             self.metrics.tunnels_opened.inc()
-        log.info("tunnel %s open to session %s (%d open)", tunnel.id, tunnel.session_id, len(self.tunnels))
+        log.info("tunnel %s open to session %s, %s (%d open)",
+                 tunnel.id, tunnel.session_id, tunnel.stream, len(self.tunnels))  # fmt: skip
 
     def data(self, tunnel_id: int, data: bytes) -> None:
         """Handle a binary frame. Unknown tunnels are ignored (logged once each)."""

@@ -3,7 +3,8 @@
 #
 # Refuses to start without VNC_PASSWORD: this image never runs an open VNC server.
 # Xvnc listens on all interfaces *inside* the container; the host publishes the port on
-# 127.0.0.1 only. Settings: VNC_PASSWORD (required), VNC_PORT (5901), VNC_GEOMETRY (1280x800).
+# 127.0.0.1 only. Settings: VNC_PASSWORD (required), VNC_PORT (5901), VNC_GEOMETRY (1280x800),
+# SOUND_PORT (unset: no sound; else the Opus stream's port, see the sound block).
 set -eu
 
 if [ -z "${VNC_PASSWORD:-}" ]; then
@@ -29,6 +30,32 @@ if [ ! -w "$HOME" ]; then
     echo "streamspace-desktop: warning: HOME=$HOME is not writable by $(id -u); files will not persist" >&2
 fi
 cd "$HOME" 2>/dev/null || cd /
+
+# --- sound (templates with sound set SOUND_PORT) -----------------------------------------
+# PulseAudio with a null sink as the only (so default) output; every TCP connection to
+# SOUND_PORT gets its own encoder: the sink's monitor as 48 kHz stereo PCM (parec, 10 ms
+# fragments) -> Opus in 10 ms frames -> Ogg, one page per packet (no muxing delay). Nothing
+# is encoded while nobody listens. Desktop programs find the server through PULSE_SERVER
+# (`docker exec` needs `-e PULSE_SERVER=unix:/tmp/streamspace-pulse/native`).
+if [ -n "${SOUND_PORT:-}" ]; then
+    export PULSE_SERVER=unix:/tmp/streamspace-pulse/native
+    mkdir -p -m 700 /tmp/streamspace-pulse "$RUN_DIR/xdg"
+    XDG_RUNTIME_DIR="$RUN_DIR/xdg" pulseaudio -n --daemonize=no --exit-idle-time=-1 --disallow-exit \
+        --disable-shm=yes --log-level=error \
+        -L "module-native-protocol-unix socket=/tmp/streamspace-pulse/native" \
+        -L "module-null-sink sink_name=streamspace rate=48000 channels=2 sink_properties=device.description=StreamSpace" \
+        >/dev/null 2>&1 &
+    cat >"$RUN_DIR/sound-stream" <<'STREAM'
+#!/bin/sh
+parec --device=streamspace.monitor --format=s16le --rate=48000 --channels=2 --latency-msec=10 --raw |
+    gst-launch-1.0 -q fdsrc fd=0 blocksize=1920 \
+        ! rawaudioparse format=pcm pcm-format=s16le sample-rate=48000 num-channels=2 \
+        ! opusenc frame-size=10 bitrate=96000 ! oggmux max-delay=0 max-page-delay=0 ! fdsink fd=1 sync=false
+STREAM
+    chmod 755 "$RUN_DIR/sound-stream"
+    socat TCP-LISTEN:"$SOUND_PORT",reuseaddr,nodelay,fork,max-children=8 EXEC:"$RUN_DIR/sound-stream" >/dev/null 2>&1 &
+fi
+# --- end of sound --------------------------------------------------------------------------
 
 rm -f /tmp/.X1-lock /tmp/.X11-unix/X1 2>/dev/null || true
 Xvnc :1 -rfbport "$VNC_PORT" -SecurityTypes VncAuth -PasswordFile "$PASSWD_FILE" \

@@ -135,8 +135,11 @@ class TunnelPeer:
             elif msg.type == "tunnel_close" and not self.closed.done():
                 self.closed.set_result(msg.payload.get("reason"))
 
-    async def open(self, timeout: float = TIMEOUT) -> protocol.Message:
-        await self.conn.send("tunnel_open", {"tunnel_id": self.id, "session_id": self.session_id})
+    async def open(self, timeout: float = TIMEOUT, stream: str | None = None) -> protocol.Message:
+        payload = {"tunnel_id": self.id, "session_id": self.session_id}
+        if stream is not None:
+            payload["stream"] = stream
+        await self.conn.send("tunnel_open", payload)
         return await asyncio.wait_for(asyncio.shield(self.ready), timeout)
 
     async def send(self, data: bytes, chunk: int = protocol.MAX_BINARY_PAYLOAD, timeout: float = 20) -> None:

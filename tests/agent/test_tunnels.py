@@ -229,3 +229,43 @@ async def test_peer_exceeding_the_window_closes_the_tunnel_not_the_agent():
     await manager.close_all()
     sink.close()
     assert stats.connections and stats.connections[0].bytes <= 1000
+
+
+class SoundBackend(GatedBackend):
+    """GatedBackend whose desktops also serve sound, on another port than VNC."""
+
+    def __init__(self, sessions, vnc, sound):
+        super().__init__(sessions, vnc=vnc)
+        self.sound = sound
+
+    def audio_endpoint(self, session_id: str) -> tuple[str, int]:
+        return self.sound
+
+
+async def test_an_audio_tunnel_reaches_the_sound_server_and_a_backend_without_sound_says_so():
+    vnc, sound = TcpPeer(source=b"RFB 003.008\n"), TcpPeer(source=b"OggS-sound")
+    vnc_port, sound_port = await vnc.start(), await sound.start()
+    sessions = [SessionStatus("s-1", "running")]
+    backend = SoundBackend(sessions, vnc=("127.0.0.1", vnc_port), sound=("127.0.0.1", sound_port))
+    async with FakeControlPlane() as cp, running_agent(cp, backend):
+        conn = await cp.accept()
+        await conn.expect("hello")
+        audio = TunnelPeer(conn, 1, "s-1")
+        assert (await audio.open(stream="audio")).type == "tunnel_ready"
+        assert await audio.recv(10) == b"OggS-sound"
+        picture = TunnelPeer(conn, 2, "s-1")
+        assert (await picture.open(stream="vnc")).type == "tunnel_ready"
+        assert await picture.recv(12) == b"RFB 003.008\n"
+        assert (len(vnc.connections), len(sound.connections)) == (1, 1)
+        for peer in (audio, picture):
+            await peer.close()
+            peer.stop()
+    async with FakeControlPlane() as cp, running_agent(cp, GatedBackend(sessions, vnc=("127.0.0.1", vnc_port))):
+        conn = await cp.accept()
+        await conn.expect("hello")
+        refused = await TunnelPeer(conn, 3, "s-1").open(stream="audio")
+        assert refused.type == "tunnel_error"
+        assert refused.payload["error"] == "this platform does not carry sound"
+    assert len(vnc.connections) == 1  # never the VNC server instead
+    vnc.server.close()
+    sound.server.close()

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand
 from sessions_app.models import Template
 from streamspace.env import env_str
 
-DESKTOP_IMAGE = env_str("DESKTOP_IMAGE", "streamspace/desktop:bookworm-2")
+DESKTOP_IMAGE = env_str("DESKTOP_IMAGE", "streamspace/desktop:bookworm-3")
 
 DEMO_TEMPLATES = [
     {
@@ -14,6 +14,7 @@ DEMO_TEMPLATES = [
         "description": "A light Debian desktop with a terminal (TigerVNC, Openbox, xterm).",
         "image": DESKTOP_IMAGE,
         "vnc_port": 5901,
+        "sound": True,
         "default_cpu": 1.0,
         "default_memory_mb": 1024,
         "volume_mount_path": "/home/user",
@@ -24,6 +25,7 @@ DEMO_TEMPLATES = [
         "description": "The same desktop with 2 CPU and 2 GB of memory.",
         "image": DESKTOP_IMAGE,
         "vnc_port": 5901,
+        "sound": True,
         "default_cpu": 2.0,
         "default_memory_mb": 2048,
         "volume_mount_path": "/home/user",

@@ -1,0 +1,104 @@
+"""The sound socket (``WS /api/v1/audio/<session>``, vnc_app/audio.py) is let in exactly
+as the desktop's: no login refused, another user's session "no such session" (by JWT and
+by login cookie), a cookie from another site refused; a template without sound refused
+with its own reason before any tunnel; the tunnel asks the agent for the "audio" stream,
+the Ogg bytes reach the browser (across two Daphne processes) and what the browser sends
+never reaches the desktop; the audit row says "audio".
+
+The agent is the wire-level fake of tests/channel/wire.py (the real agent and desktop are
+tests/browser/test_viewer_sound.py)."""
+
+import pytest
+from websockets.sync.client import connect
+
+from agent_clients import protocol
+from tests.channel.test_agent_socket import jwt, online_agent
+from tests.channel.test_viewer_socket_auth import login_cookie
+from tests.channel.test_vnc_relay import closed_with, running_session
+from tests.live import wait_for
+from vnc_app.audio import NO_SOUND, NOT_SOUND
+from vnc_app.models import VNCConnection
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+OGG_PAGE = b"OggS\x00\x02" + bytes(22)  # the start of a stream (what the desktop sends first)
+
+
+@pytest.fixture
+def sound_desktop(transactional_db):
+    from sessions_app.models import Template
+
+    return Template.objects.create(slug="sound", name="Sound", image="img:1", sound=True)
+
+
+@pytest.fixture
+def silent_desktop(transactional_db):
+    from sessions_app.models import Template
+
+    return Template.objects.create(slug="silent", name="Silent", image="img:1")
+
+
+def audio(cp, session_id, token=None, headers=None):
+    query = f"?token={token}" if token else ""
+    url = f"{cp.ws_url}/api/v1/audio/{session_id}{query}"
+    return connect(url, subprotocols=["binary"], additional_headers=headers or {}, open_timeout=5).__enter__()
+
+
+def test_no_login_and_other_users_are_refused_before_any_tunnel(control_plane, alice, bob, sound_desktop):
+    agent = online_agent(control_plane)
+    session = running_session(alice, sound_desktop)
+    assert closed_with(audio(control_plane, session.pk)) == (protocol.CLOSE_UNAUTHORIZED, "log in first")
+    assert closed_with(audio(control_plane, session.pk, "not-a-jwt")) == (protocol.CLOSE_UNAUTHORIZED, "log in first")
+    assert closed_with(audio(control_plane, session.pk, jwt(bob))) == (protocol.CLOSE_NOT_FOUND, "no such session")
+    _, bobs_cookie = login_cookie(bob)
+    by_cookie = audio(control_plane, session.pk, headers={"Cookie": bobs_cookie, "Origin": control_plane.http_url})
+    assert closed_with(by_cookie) == (protocol.CLOSE_NOT_FOUND, "no such session")
+    _, alices_cookie = login_cookie(alice)
+    cross_site = audio(control_plane, session.pk, headers={"Cookie": alices_cookie, "Origin": "https://evil.example"})
+    code, reason = closed_with(cross_site)
+    assert code == protocol.CLOSE_FORBIDDEN and "cross-site" in reason, (code, reason)
+    assert agent.nothing_within(0.5, "tunnel_open")
+    assert not VNCConnection.objects.exists()
+
+
+def test_a_template_without_sound_refuses_the_socket_with_a_reason(control_plane, alice, silent_desktop):
+    agent = online_agent(control_plane)
+    session = running_session(alice, silent_desktop)
+    assert closed_with(audio(control_plane, session.pk, jwt(alice))) == (protocol.CLOSE_FORBIDDEN, NO_SOUND)
+    assert agent.nothing_within(0.5, "tunnel_open")
+    # The desktop's own socket is unaffected, and asks for no stream (what older agents read).
+    with connect(f"{control_plane.ws_url}/api/v1/vnc/{session.pk}?token={jwt(alice)}", subprotocols=["binary"]):
+        assert "stream" not in agent.expect("tunnel_open")["payload"]
+
+
+@pytest.mark.parametrize("two_processes", [False, True], ids=["one-process", "two-processes"])
+def test_sound_flows_one_way_through_an_audio_tunnel(control_plane, control_plane_b, alice, sound_desktop,
+                                                     two_processes):  # fmt: skip
+    agent = online_agent(control_plane)
+    session = running_session(alice, sound_desktop)
+    ws = audio(control_plane_b if two_processes else control_plane, session.pk, jwt(alice))
+    opened = agent.expect("tunnel_open")["payload"]
+    assert (opened["session_id"], opened["stream"]) == (str(session.pk), "audio")
+    tunnel = opened["tunnel_id"]
+    agent.send("tunnel_ready", {"tunnel_id": tunnel})
+    agent.send_raw(protocol.pack_data(tunnel, OGG_PAGE))
+    assert ws.recv(timeout=5) == OGG_PAGE
+    ws.send(b"\x04\x01\x00\x00\x00\x00\x00\x20")  # a key event, as if it were VNC: dropped
+    assert agent.nothing_within(0.5, "binary")
+    ws.close()
+    assert agent.expect("tunnel_close")["payload"]["tunnel_id"] == tunnel
+    wait_for(lambda: VNCConnection.objects.filter(closed_at__isnull=False).exists(), 5, what="audit row closed")
+    row = VNCConnection.objects.get()
+    assert (row.stream, row.user, row.session_id) == ("audio", alice, session.pk)
+    assert (row.bytes_to_client, row.bytes_from_client) == (len(OGG_PAGE), 0)
+
+
+def test_an_agent_that_relays_vnc_instead_of_sound_is_cut_off(control_plane, alice, sound_desktop):
+    """An agent from before sound ignores the stream and connects the VNC server."""
+    agent = online_agent(control_plane)
+    session = running_session(alice, sound_desktop)
+    ws = audio(control_plane, session.pk, jwt(alice))
+    tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
+    agent.send("tunnel_ready", {"tunnel_id": tunnel})
+    agent.send_raw(protocol.pack_data(tunnel, b"RFB 003.008\n"))
+    assert closed_with(ws) == (protocol.CLOSE_UNAVAILABLE, NOT_SOUND)
