@@ -166,6 +166,22 @@ def _ip_address(name: str, raw: str) -> str:
         raise ConfigError(f"{name} must be an IP address such as 127.0.0.1 or 0.0.0.0, got {raw!r}") from None
 
 
+def _docker_host(name: str, raw: str) -> str:
+    """A Docker engine address as the docker SDK takes it (unix://, tcp://, ssh://, npipe://)."""
+    from docker.errors import DockerException
+    from docker.utils import parse_host
+
+    value = raw.strip()
+    try:
+        parse_host(value)
+    except (DockerException, ValueError) as exc:
+        raise ConfigError(
+            f"{name} must be a Docker engine address such as unix:///var/run/docker.sock or "
+            f"tcp://manager:2376, got {raw!r} ({exc})"
+        ) from None
+    return value
+
+
 # flag name -> (environment variable, parser or None for strings)
 _SETTINGS = {
     "agent_id": ("AGENT_ID", None),
@@ -181,7 +197,7 @@ _SETTINGS = {
     "ha_lock_path": ("HA_LOCK_PATH", None),
     "ha_redis_url": ("HA_REDIS_URL", None),
     "ha_lock_name": ("HA_LOCK_NAME", None),
-    "ha_swarm_docker_host": ("HA_SWARM_DOCKER_HOST", None),
+    "ha_swarm_docker_host": ("HA_SWARM_DOCKER_HOST", _docker_host),
     "ha_lease_duration": ("HA_LEASE_DURATION", _positive_float),
     "ha_renew_deadline": ("HA_RENEW_DEADLINE", _positive_float),
     "ha_retry_period": ("HA_RETRY_PERIOD", _positive_float),

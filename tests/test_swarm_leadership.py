@@ -2,26 +2,37 @@
 
 If the engine is not in a swarm, this module makes one: ``docker swarm init`` advertising
 an address (198.18.211.x, a benchmarking range) on a veth pair it creates (the engine
-refuses loopback), with its overlay address pool in 198.18.212.0/24; at the end it runs
-``docker swarm leave --force`` (only when nothing but this module's objects is in the
-swarm), removes ``docker_gwbridge`` if the init made it, and deletes the veth pair. Each
-test's lock is a Swarm config of its own (prefix ``sswarmtest``), removed at the end.
+refuses loopback), with its overlay address pool in 198.18.212.0/24, and marks the node
+with labels: the run that made it, its veth pair, whether the init made
+``docker_gwbridge``. Every run of this module names its objects with its own id
+(``RUN_ID``) and registers itself on the node (a label of its own) while it uses the
+swarm; init, registration and leave are serialised between runs by a lock file
+(``SWARM_LOCK``, fcntl). At the end the last run out of a swarm made by this module (no
+other run registered, nothing in it but this run's objects) runs ``docker swarm leave
+--force``, removes ``docker_gwbridge`` if the init made it, and only after a successful
+leave deletes the veth pair (a swarm left running keeps its advertise address). A swarm
+this module did not make is never left. Each test's lock is a Swarm config of its own,
+removed at the end.
 
 Replicas are real processes (``CHILD``) built by ``SwarmLeadership.from_config`` from the
 environment, each talking to the engine through its own unix-socket proxy (``PROXY``)
-that the test can freeze with SIGSTOP: requests then hang unanswered, the worst case for
-a leader that must step down in time. Each replica appends to its own file: ``LEAD
-<wall time>`` when ``acquire`` returns and ``END <start> <end> <why>`` when ``lost()``
-returns or it is stopped (before it releases). One host, one wall clock: the test checks
-that these intervals never overlap. The replicas are host processes, not tasks of a
-service; to the election that is the same (the same engine API). Not tested here: a
-multi-node swarm, replicas on worker nodes, a manager quorum loss.
+that the test can freeze with SIGSTOP (requests then hang unanswered, the worst case for
+a leader that must step down in time) or slow down with SIGUSR1 (requests reach the
+engine at once, so writes commit, but the answers to POSTs come ``SLOW`` s late). Each
+replica appends to its own file: ``LEAD <wall time>`` when ``acquire`` returns and ``END
+<start> <end> <why>`` when ``lost()`` returns or it is stopped (before it releases). One
+host, one wall clock: the test checks that these intervals never overlap. The replicas
+are host processes, not tasks of a service; to the election that is the same (the same
+engine API). Not tested here: a multi-node swarm, replicas on worker nodes, a manager
+quorum loss.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import fcntl
 import itertools
 import os
 import select
@@ -33,6 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import docker
@@ -45,8 +57,14 @@ pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[1]
 LEASE, DEADLINE, RETRY = 3.0, 2.0, 0.5
-PREFIX = "sswarmtest"
+SLOW = DEADLINE + 0.5  # how late a slowed proxy answers a POST: past the per-call timeout and the deadline
+RUN_ID = f"sswarm{uuid.uuid4().hex[:8]}"  # every object of this run is named with it
 IMAGE = "streamspace/desktop:bookworm-2"
+SWARM_LOCK = "/tmp/streamspace-swarm-test.lock"  # serialises init, registration and leave across runs
+MADE_BY = "streamspace.test.swarm.made-by"  # node labels: the run that made the swarm,
+VETH = "streamspace.test.swarm.veth"  # the veth pair it advertises on,
+GWBRIDGE = "streamspace.test.swarm.gwbridge-made"  # whether the init made docker_gwbridge,
+USER = "streamspace.test.swarm.user."  # and one per run using it now (+ the run id)
 
 
 # --- the swarm -----------------------------------------------------------------------
@@ -63,42 +81,68 @@ def _engine_socket() -> str:
 
 
 def _ours(name: str) -> bool:
-    return name.startswith(PREFIX)
+    return name.startswith(RUN_ID)
+
+
+@contextlib.contextmanager
+def _swarm_lock():
+    with open(SWARM_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _node_labels(client: docker.DockerClient, change=None) -> dict[str, str]:
+    """The node's labels, after ``change(labels)`` was written (a CAS: retried if it moved)."""
+    for _ in range(10):
+        node = client.nodes.get(client.info()["Swarm"]["NodeID"])
+        spec = node.attrs["Spec"]
+        labels = dict(spec.get("Labels") or {})
+        if change is None:
+            return labels
+        change(labels)
+        try:
+            node.update({**spec, "Labels": labels})
+            return labels
+        except docker.errors.APIError as exc:
+            if "out of sequence" not in str(exc):
+                raise
+    raise AssertionError("could not update the node's labels")
 
 
 @pytest.fixture(scope="module")
 def engine():
     client = docker.from_env(timeout=30)
-    state = client.info()["Swarm"]
-    made: dict[str, object] | None = None
-    if state["LocalNodeState"] == "inactive":
-        made = _init_swarm(client)
-    else:
-        assert state["LocalNodeState"] == "active" and state["ControlAvailable"], (
-            f"the engine is in a swarm but not a manager: {state}"
-        )
+    with _swarm_lock():
+        state = client.info()["Swarm"]
+        if state["LocalNodeState"] == "inactive":
+            _init_swarm(client)
+        else:
+            assert state["LocalNodeState"] == "active" and state["ControlAvailable"], (
+                f"the engine is in a swarm but not a manager: {state}"
+            )
+        _node_labels(client, lambda labels: labels.update({USER + RUN_ID: "1"}))
     try:
         yield client
     finally:
-        if made is not None:
-            _leave_swarm(client, made)
+        with _swarm_lock():
+            _leave_if_last(client)
         client.close()
 
 
-def _init_swarm(client: docker.DockerClient) -> dict[str, object]:
+def _init_swarm(client: docker.DockerClient) -> None:
     tag = uuid.uuid4().hex[:6]
     host_if, peer_if = f"ssw{tag}a", f"ssw{tag}b"
     addr = f"198.18.211.{2 + int(tag, 16) % 250}"
-    made = {
-        "veth": host_if,
-        "gwbridge_existed": bool(client.networks.list(names=["docker_gwbridge"])),
-    }
+    gwbridge_existed = bool(client.networks.list(names=["docker_gwbridge"]))
     _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
     try:
         _run("ip", "addr", "add", f"{addr}/32", "dev", host_if)
         _run("ip", "link", "set", host_if, "up")
         _run("ip", "link", "set", peer_if, "up")
-        print(f"swarm: init advertising {addr} on {host_if}", flush=True)
+        print(f"swarm: init advertising {addr} on {host_if} (run {RUN_ID})", flush=True)
         _run(
             "docker", "swarm", "init", "--advertise-addr", addr, "--listen-addr", f"{addr}:2377",
             "--default-addr-pool", "198.18.212.0/24", "--default-addr-pool-mask-length", "26",
@@ -106,28 +150,36 @@ def _init_swarm(client: docker.DockerClient) -> dict[str, object]:
     except BaseException:
         _run("ip", "link", "del", host_if, check=False)
         raise
-    return made
+    made = {MADE_BY: RUN_ID, VETH: host_if, GWBRIDGE: "no" if gwbridge_existed else "yes"}
+    _node_labels(client, lambda labels: labels.update(made))
 
 
-def _leave_swarm(client: docker.DockerClient, made: dict[str, object]) -> None:
-    try:
-        others = [s.name for s in client.services.list() if not _ours(s.name)]
-        others += [c.name for c in client.configs.list() if not _ours(c.name)]
-        others += [s.name for s in client.secrets.list() if not _ours(s.name)]
-        if others:  # someone else started using the swarm we made: leave it to them
-            print(f"swarm: NOT leaving, it now holds others' objects: {others}", flush=True)
-            return
-        started = time.monotonic()
-        _run("docker", "swarm", "leave", "--force")
-        print(f"swarm: left ({time.monotonic() - started:.1f} s)", flush=True)
-        if not made["gwbridge_existed"]:
-            deadline = time.monotonic() + 15
-            while _run("docker", "network", "rm", "docker_gwbridge", check=False).returncode != 0:
-                if not client.networks.list(names=["docker_gwbridge"]) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-    finally:
-        _run("ip", "link", "del", str(made["veth"]), check=False)
+def _leave_if_last(client: docker.DockerClient) -> None:
+    labels = _node_labels(client, lambda labels: labels.pop(USER + RUN_ID, None))
+    if MADE_BY not in labels:
+        print("swarm: not made by this module: staying in it", flush=True)
+        return
+    users = sorted(k[len(USER) :] for k in labels if k.startswith(USER))
+    others = [s.name for s in client.services.list() if not _ours(s.name)]
+    others += [c.name for c in client.configs.list() if not _ours(c.name)]
+    others += [s.name for s in client.secrets.list() if not _ours(s.name)]
+    others += [n.name for n in client.networks.list(filters={"scope": "swarm"}) if n.name != "ingress"]
+    if users or others:  # another run, or someone else, uses the swarm: leave it to them
+        print(f"swarm: NOT leaving, in use by runs {users} and objects {others}", flush=True)
+        return
+    started = time.monotonic()
+    left = _run("docker", "swarm", "leave", "--force", check=False)
+    if left.returncode != 0:  # still in the swarm: it keeps its advertise address, so the veth stays
+        warnings.warn(f"docker swarm leave failed, veth {labels[VETH]} kept: {left.stderr.strip()}", stacklevel=1)
+        return
+    print(f"swarm: left ({time.monotonic() - started:.1f} s), made by run {labels[MADE_BY]}", flush=True)
+    if labels.get(GWBRIDGE) == "yes":
+        deadline = time.monotonic() + 15
+        while _run("docker", "network", "rm", "docker_gwbridge", check=False).returncode != 0:
+            if not client.networks.list(names=["docker_gwbridge"]) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    _run("ip", "link", "del", labels[VETH], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +188,14 @@ def image_id(engine):
     return engine.images.get(IMAGE).id
 
 
+def lock_name() -> str:
+    return f"{RUN_ID}-{uuid.uuid4().hex[:10]}"
+
+
 @pytest.fixture
 def lock(engine):
     """A fresh lock name; its config (made by the replicas or the test) is removed at the end."""
-    name = f"{PREFIX}-{uuid.uuid4().hex[:10]}"
+    name = lock_name()
     yield name
     with contextlib.suppress(docker.errors.NotFound):
         engine.api.remove_config(name)
@@ -152,6 +208,14 @@ def released(engine, name: str) -> None:
 
 def labels(engine, name: str) -> dict[str, str]:
     return engine.api.inspect_config(name)["Spec"].get("Labels") or {}
+
+
+def created_at(engine, name: str) -> float:
+    """The config's creation time (the engine's clock: this host's), as a Unix time."""
+    raw = engine.api.inspect_config(name)["CreatedAt"]  # e.g. 2026-12-01T23:30:33.123456789Z
+    whole, _, frac = raw.rstrip("Z").partition(".")
+    stamp = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC).timestamp()
+    return stamp + float(f"0.{frac or 0}")
 
 
 def wait_until(what: str, predicate, timeout: float, step: float = 0.02):
@@ -168,11 +232,17 @@ def wait_until(what: str, predicate, timeout: float, step: float = 0.02):
 # --- replicas, each behind its own proxy ---------------------------------------------
 
 PROXY = """
-import asyncio, sys
-listen, target = sys.argv[1], sys.argv[2]
-async def pipe(reader, writer):
+import asyncio, re, signal, sys
+listen, target, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
+state = {"slow": False}
+REQUEST = re.compile(rb"^[A-Z]+ /")
+async def pipe(reader, writer, conn, upstream):
     try:
         while data := await reader.read(65536):
+            if upstream and REQUEST.match(data):  # a request's first bytes (no pipelining here)
+                conn["post"] = data.startswith(b"POST ")
+            if not upstream and state["slow"] and conn["post"]:
+                await asyncio.sleep(slow)  # the engine has acted already: only the answer is late
             writer.write(data)
             await writer.drain()
     except OSError:
@@ -185,14 +255,60 @@ async def handle(reader, writer):
     except OSError:
         writer.close()
         return
-    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    conn = {"post": False}
+    await asyncio.gather(pipe(reader, up_writer, conn, True), pipe(up_reader, writer, conn, False))
 async def main():
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, state.update, {"slow": True})
+    loop.add_signal_handler(signal.SIGUSR2, state.update, {"slow": False})
     server = await asyncio.start_unix_server(handle, listen)
     print("READY", flush=True)
     async with server:
         await server.serve_forever()
 asyncio.run(main())
 """
+
+
+class Proxy:
+    """A unix-socket proxy to the engine that the test can freeze or slow down."""
+
+    def __init__(self, sock: Path) -> None:
+        self.sock = sock
+        self.host = f"unix://{sock}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PROXY, str(sock), _engine_socket(), str(SLOW)], stdout=subprocess.PIPE, text=True
+        )
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20)
+        assert ready and self.proc.stdout.readline().strip() == "READY", "proxy did not start"
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def slow_down(self) -> None:
+        self.proc.send_signal(signal.SIGUSR1)
+
+    def speed_up(self) -> None:
+        self.proc.send_signal(signal.SIGUSR2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def short_dir():
+    """A directory with a short path (unix socket paths are limited to about 100 bytes)."""
+    workdir = Path(tempfile.mkdtemp(prefix="ssw", dir="/tmp"))
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
+
 
 CHILD = """
 import asyncio, logging, signal, sys, time
@@ -235,11 +351,7 @@ class Replica:
         self.events = workdir / f"replica-{n}.events"
         self.stderr = workdir / f"replica-{n}.log"
         self.killed_at: float | None = None
-        self.proxy = subprocess.Popen(
-            [sys.executable, "-c", PROXY, str(self.sock), _engine_socket()], stdout=subprocess.PIPE, text=True
-        )
-        ready, _, _ = select.select([self.proxy.stdout], [], [], 20)
-        assert ready and self.proxy.stdout.readline().strip() == "READY", "proxy did not start"
+        self.proxy = Proxy(self.sock)
         env = {
             **os.environ,
             "AGENT_ID": "swarm-test",
@@ -247,7 +359,7 @@ class Replica:
             "AGENT_TOKEN": "ssa_test",
             "HA_BACKEND": "swarm",
             "HA_LOCK_NAME": lock,
-            "HA_SWARM_DOCKER_HOST": f"unix://{self.sock}",
+            "HA_SWARM_DOCKER_HOST": self.proxy.host,
             "HA_LEASE_DURATION": str(LEASE),
             "HA_RENEW_DEADLINE": str(DEADLINE),
             "HA_RETRY_PERIOD": str(RETRY),
@@ -299,25 +411,16 @@ class Replica:
         assert released_, f"replica {self.n} did not log its release"
         return released_[-1]
 
-    def freeze(self) -> None:
-        self.proxy.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self.proxy.send_signal(signal.SIGCONT)
-
     def close(self) -> None:
-        for proc in (self.proc, self.proxy):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            proc.wait(10)
-        if self.proxy.stdout:
-            self.proxy.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proxy.close()
 
 
 @pytest.fixture
-def replicas(lock):
-    workdir = Path(tempfile.mkdtemp(prefix="ssw", dir="/tmp"))  # short: unix socket paths
+def replicas(lock, short_dir):
+    workdir = short_dir
     started: list[Replica] = []
 
     def start(count: int) -> list[Replica]:
@@ -329,7 +432,6 @@ def replicas(lock):
         replica.close()
     for replica in started:
         print(f"--- replica {replica.n} ({replica.identity}) ---\n{replica.stderr.read_text()[-3000:]}")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def leaders(replicas: list[Replica]) -> list[Replica]:
@@ -364,40 +466,47 @@ def test_the_engine_refuses_a_stale_version_and_one_racing_candidate_wins(engine
 
     # Two candidates read the same released record, then both write: exactly one wins.
     released(engine, lock)
-    a, b = (SwarmLeadership(name=lock, identity=i, lease_duration=LEASE, renew_deadline=DEADLINE,
-                            retry_period=RETRY) for i in ("cand-a", "cand-b"))  # fmt: skip
-    barrier = threading.Barrier(2, timeout=10)
-    for cand in (a, b):
-        real_read = cand._read
+    a, b = candidate(lock, "cand-a"), candidate(lock, "cand-b")
+    try:
+        barrier = threading.Barrier(2, timeout=10)
+        for cand in (a, b):
+            real_read = cand._read
 
-        def read_then_wait(_real=real_read):
-            record = _real()
-            barrier.wait()  # both hold the same version before either writes
-            return record
+            def read_then_wait(_real=real_read):
+                record = _real()
+                barrier.wait()  # both hold the same version before either writes
+                return record
 
-        cand._read = read_then_wait
-    results: dict[str, float | None] = {}
-    threads = [threading.Thread(target=lambda c=c: results.update({c.identity: c._try_acquire()})) for c in (a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    winners = [who for who, sent in results.items() if sent is not None]
-    assert len(results) == 2 and len(winners) == 1, results
-    assert labels(engine, lock)[HOLDER] == winners[0]
-    a.close()
-    b.close()
+            cand._read = read_then_wait
+        results: dict[str, float | None] = {}
+        threads = [threading.Thread(target=lambda c=c: results.update({c.identity: c._try_acquire()})) for c in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        winners = [who for who, sent in results.items() if sent is not None]
+        assert len(results) == 2 and len(winners) == 1, results
+        assert labels(engine, lock)[HOLDER] == winners[0]
+    finally:
+        a.close()
+        b.close()
 
 
 # --- replicas ------------------------------------------------------------------------
 
 
 def test_one_of_three_leads_and_a_killed_leader_is_replaced_within_the_lease(engine, lock, replicas):
+    """After kill -9 of the leader (no release: the record keeps its holder) a standby
+    takes over within lease + retry period of the kill: the leader's last renewal was
+    written before the kill, a standby read that version at most a retry period later
+    and swaps its own identity in once it has stayed unchanged for the lease. The bound
+    asserted is LEASE + RETRY + 1.5 s (scheduling on a loaded 2-core machine). That no
+    term overlaps another is asserted at the end (the safety property)."""
     group = replicas(3)  # no config yet: they create it, then wait out its silence like any holder's
-    started = time.time()
     (leader,) = wait_until("a first leader", lambda: leaders(group), LEASE + 15)
-    print(f"first leader after {time.time() - started:.2f} s (fresh config: one lease of silence)")
-    assert leader.leads()[0] - started >= LEASE - 0.1  # nobody took the fresh, holder-less config at once
+    created = created_at(engine, lock)
+    print(f"first leader {leader.leads()[0] - created:.2f} s after the config was created")
+    assert leader.leads()[0] - created >= LEASE - 0.05  # nobody took the fresh, holder-less config at once
     renewals = int(labels(engine, lock)[RENEWALS])
 
     time.sleep(LEASE + RETRY)  # over a lease: only its renewals keep the standbys waiting
@@ -405,14 +514,14 @@ def test_one_of_three_leads_and_a_killed_leader_is_replaced_within_the_lease(eng
     assert [len(r.leads()) for r in group].count(0) == 2
     record = labels(engine, lock)
     assert record[HOLDER] == leader.identity
-    assert int(record[RENEWALS]) >= renewals + 4  # renewed about every retry period
+    assert int(record[RENEWALS]) >= renewals + 3  # renewed about every retry period
 
     killed = leader.kill()  # no release: the record keeps its holder
     standbys = [r for r in group if r is not leader]
-    (successor,) = wait_until("a successor", lambda: leaders(standbys), LEASE + RETRY + 5)
+    (successor,) = wait_until("a successor", lambda: leaders(standbys), LEASE + RETRY + 8)
     took = successor.leads()[0] - killed
     print(f"takeover after kill -9 of the leader: {took:.2f} s")
-    assert LEASE - RETRY - 0.3 <= took <= LEASE + RETRY + 0.5, took
+    assert took <= LEASE + RETRY + 1.5, took
     assert labels(engine, lock)[HOLDER] == successor.identity
     time.sleep(RETRY * 2)
     assert leaders(group) == [successor]
@@ -426,38 +535,71 @@ def test_a_cut_off_leader_steps_down_before_another_takes_over_and_leads_again_l
     time.sleep(1.0)  # a couple of renewals go through
 
     cut = time.time()
-    leader.freeze()  # its engine calls now hang unanswered
-    end, why = wait_until("the cut-off leader steps down", lambda: leader.ends(), DEADLINE + 2)[0]
+    leader.proxy.freeze()  # its engine calls now hang unanswered
+    end, why = wait_until("the cut-off leader steps down", lambda: leader.ends(), DEADLINE + 4)[0]
     standbys = [r for r in group if r is not leader]
-    (successor,) = wait_until("a successor", lambda: leaders(standbys), LEASE + RETRY + 3)
+    (successor,) = wait_until("a successor", lambda: leaders(standbys), LEASE + RETRY + 8)
     start = successor.leads()[0]
     print(
         f"cut off: stepped down after {end - cut:.2f} s, successor after {start - cut:.2f} s, gap {start - end:.2f} s"
     )
     assert why == "lost"
-    assert end - cut <= DEADLINE + 0.3  # its renew deadline ran from its last renewal, sent before the cut
+    assert end - cut <= DEADLINE + 1.0  # its renew deadline ran from its last renewal, sent before the cut
     assert start - end >= LEASE - DEADLINE - 0.4  # fenced: nobody else acts until well after it stopped
-    assert start - cut <= LEASE + RETRY + 0.5
+    assert start - cut <= LEASE + RETRY + 1.5
 
-    leader.thaw()  # healed: it does not grab the lock back while the successor renews
+    leader.proxy.thaw()  # healed: it does not grab the lock back while the successor renews
     time.sleep(LEASE + RETRY)
     assert leaders(group) == [successor] and len(leader.leads()) == 1
 
-    # Graceful stops hand over within a retry period, until the once cut-off replica leads
-    # again: the same process, never restarted.
+    # Graceful stops hand over within about a retry period, until the once cut-off
+    # replica leads again: the same process, never restarted.
     alive = list(group)
     for _ in range(2):
         (current,) = leaders(alive)
         alive.remove(current)
         stopped = current.terminate()
-        (nxt,) = wait_until("a handover after a release", lambda: leaders(alive), RETRY + 3)
+        (nxt,) = wait_until("a handover after a release", lambda: leaders(alive), RETRY + 5)
         handover = nxt.leads()[-1] - stopped
         print(f"graceful handover: {handover:.2f} s")
-        assert handover <= RETRY + 0.3, handover
+        assert handover <= RETRY + 1.0, handover  # its next poll, plus scheduling on a loaded machine
         if nxt is leader:
             break
     assert leaders(group) == [leader] and len(leader.leads()) == 2
     assert labels(engine, lock)[HOLDER] == leader.identity
+    assert_terms_never_overlap(group)
+
+
+def test_a_leader_whose_answers_come_late_steps_down_on_time_and_wins_back_later(engine, lock, replicas):
+    """Not frozen but slow: the leader's renewals reach the engine and are committed, but
+    every answer to a POST comes SLOW s late (past the per-call timeout and the renew
+    deadline). A renewal whose answer is late does not count, so the leader steps down
+    at its renew deadline; its late writes keep the record moving under its own name, so
+    no standby takes over meanwhile (safe, not live). Once the answers are on time again
+    the same process leads again (the record still names it: no lease to wait)."""
+    released(engine, lock)
+    group = replicas(2)
+    (leader,) = wait_until("a first leader", lambda: leaders(group), 15)
+    (standby,) = [r for r in group if r is not leader]
+    time.sleep(1.0)
+    renewals = int(labels(engine, lock)[RENEWALS])
+
+    slowed = time.time()
+    leader.proxy.slow_down()
+    end, why = wait_until("the slowed leader steps down", lambda: leader.ends(), DEADLINE + 4)[0]
+    print(f"slow answers: stepped down after {end - slowed:.2f} s")
+    assert why == "lost"
+    assert end - slowed <= DEADLINE + 1.0
+    time.sleep(LEASE)
+    record = labels(engine, lock)
+    assert int(record[RENEWALS]) > renewals + 2  # its writes were committed all along ...
+    assert record[HOLDER] == leader.identity  # ... under its name
+    assert leaders(group) == [] and standby.leads() == []
+
+    leader.proxy.speed_up()
+    wait_until("the same process leads again", lambda: len(leader.leads()) == 2 and leader.leading, RETRY + 5)
+    time.sleep(2 * RETRY)
+    assert leaders(group) == [leader] and standby.leads() == []
     assert_terms_never_overlap(group)
 
 
@@ -481,7 +623,7 @@ def agent_service(engine, image_id):
     service = engine.services.create(
         image_id,
         command=["sleep", "infinity"],
-        name=f"{PREFIX}-svc-{uuid.uuid4().hex[:8]}",
+        name=f"{RUN_ID}-svc-{uuid.uuid4().hex[:8]}",
         mode=docker.types.ServiceMode("replicated", 1),
         labels={"streamspace.test": "swarm-leadership"},
         stop_signal="SIGKILL",  # sleep as PID 1 ignores SIGTERM: no 10 s grace period at removal
@@ -517,8 +659,11 @@ def test_the_election_leaves_the_agents_service_and_its_tasks_alone(engine, lock
             await asyncio.sleep(4 * RETRY)  # renewals
             assert not standby.done()
             await a.release()
-            await within_test(standby, RETRY + 2)
+            assert not a.is_leader
+            await within_test(standby, RETRY + 3)
+            assert b.is_leader
             await b.release()
+            assert not b.is_leader
         finally:
             a.close()
             b.close()
@@ -535,9 +680,92 @@ async def within_test(awaitable, seconds: float):
         return await awaitable
 
 
-def test_a_standby_without_an_engine_keeps_retrying_and_warns_once(lock, caplog, tmp_path):
+def test_a_leader_that_stepped_down_still_clears_its_record_and_a_deleted_config_is_named(
+    engine, lock, short_dir, caplog
+):
+    """A replica cut off from the engine steps down (``lost()``, ``is_leader`` false); its
+    record still names it. SIGTERM comes next: ``release()`` must still clear the record,
+    or the standbys wait out a whole lease. Then: a config deleted under a leader ends its
+    term with a reason that says so."""
+    released(engine, lock)
+    proxy = Proxy(short_dir / "p.sock")
+
     async def scenario():
-        lone = candidate(lock, "lone", docker_host=f"unix://{tmp_path}/no-engine.sock")
+        a = candidate(lock, "cut-a", docker_host=proxy.host)
+        try:
+            await within_test(a.acquire(), RETRY + 3)  # released: taken at once
+            assert a.is_leader
+            proxy.freeze()
+            await within_test(a.lost(), DEADLINE + 3)
+            assert not a.is_leader
+            proxy.thaw()
+            assert labels(engine, lock)[HOLDER] == "cut-a"
+            await within_test(a.release(), 6)
+            assert not a.is_leader
+            assert labels(engine, lock)[HOLDER] == ""  # cleared: a standby takes it on its next poll
+
+            await within_test(a.acquire(), RETRY + 3)
+            assert a.is_leader
+            engine.api.remove_config(lock)
+            await within_test(a.lost(), RETRY + 3)
+            assert not a.is_leader
+        finally:
+            a.close()
+
+    try:
+        with caplog.at_level("INFO", logger="agent_clients.leadership.swarm"):
+            asyncio.run(scenario())
+    finally:
+        proxy.close()
+    downs = [r.getMessage() for r in caplog.records if "steps down" in r.getMessage()]
+    assert len(downs) == 2 and "no successful renewal" in downs[0], downs  # cut off; then deleted
+    assert f"the lock's config {lock} was deleted" in downs[-1], downs
+
+
+def test_each_engine_outage_is_warned_once(engine, lock, short_dir, caplog):
+    """A standby whose engine stops answering twice: one warning per outage (not one per
+    retry period, and not only for the first outage), debug lines for the retries."""
+    released(engine, lock)
+    proxy = Proxy(short_dir / "p.sock")
+    outages: list[tuple[float, float]] = []
+
+    async def scenario():
+        holder, standby = candidate(lock, "o-holder"), candidate(lock, "o-standby", docker_host=proxy.host)
+        try:
+            await within_test(holder.acquire(), RETRY + 3)
+            waiting = asyncio.create_task(standby.acquire())
+            for _ in range(2):
+                await asyncio.sleep(3 * RETRY)  # polls answered
+                began = time.time()
+                proxy.freeze()
+                await asyncio.sleep(5 * RETRY)  # polls time out
+                proxy.thaw()
+                outages.append((began, time.time()))
+            await asyncio.sleep(3 * RETRY)
+            assert not waiting.done()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        finally:
+            holder.close()
+            standby.close()
+
+    try:
+        with caplog.at_level("DEBUG", logger="agent_clients.leadership.swarm"):
+            asyncio.run(scenario())
+    finally:
+        proxy.close()
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "acquire attempt failed" in r.getMessage()]
+    for began, ended in outages:
+        during = [r.getMessage() for r in warned if began <= r.created <= ended + RETRY + 1]
+        assert during, f"no warning for the outage {began:.2f}-{ended:.2f}: {[r.getMessage() for r in warned]}"
+        assert len(during) == len(set(during)), during  # each distinct error once per outage
+    assert len([r for r in caplog.records if "failed again" in r.getMessage()]) >= 2
+
+
+def test_a_standby_without_an_engine_keeps_retrying_and_warns_once(caplog, tmp_path):
+    async def scenario():
+        lone = candidate(lock_name(), "lone", docker_host=f"unix://{tmp_path}/no-engine.sock")
         try:
             with pytest.raises(TimeoutError):
                 await within_test(lone.acquire(), 6 * RETRY)
@@ -546,7 +774,7 @@ def test_a_standby_without_an_engine_keeps_retrying_and_warns_once(lock, caplog,
 
     with caplog.at_level("DEBUG", logger="agent_clients.leadership.swarm"):
         asyncio.run(scenario())
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    warnings_ = [r for r in caplog.records if r.levelname == "WARNING"]
     retries = [r for r in caplog.records if "failed again" in r.getMessage()]
-    assert len(warnings) == 1 and "acquire attempt failed" in warnings[0].getMessage()
+    assert len(warnings_) == 1 and "acquire attempt failed" in warnings_[0].getMessage()
     assert len(retries) >= 4  # it kept trying every retry period

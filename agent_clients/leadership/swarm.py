@@ -26,11 +26,15 @@ sequence". A config of its own avoids both; the agent never writes its service.
   least ``lease_duration - renew_deadline`` after the step-down, whatever the clocks
   say, as long as the two machines' clocks tick at about the same rate.
 * Leadership lost this way can be won again by the same process (``acquire`` again).
-* ``release()`` writes holder ``""``: a standby takes over on its next poll.
+* ``release()`` writes holder ``""`` if the record still names this replica (a replica
+  that stepped down a moment before still clears it): a standby takes over on its next
+  poll. It is bounded by ``min(renew_deadline, 4 s)`` (the runtime gives it 5 s).
 
 Engine calls are blocking docker SDK calls: they run on this object's own two threads
-(a hung engine cannot starve the agent's other threads), with the SDK's socket timeout,
-and every await is bounded by ``within``.
+(a hung engine cannot starve the agent's other threads), with the SDK's socket timeout
+``call_timeout`` = ``min(retry_period, renew_deadline / 4)`` (a renewal is a read and a
+write: both fit in the renew deadline with room for a retry), and every await is bounded
+by ``within``.
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ HOLDER = "streamspace.leader.holder"
 RENEWALS = "streamspace.leader.renewals"
 # Swarm's rule for config names (swarmkit controlapi), and its limit.
 _NAME = re.compile(r"^[a-zA-Z0-9]+(?:[a-zA-Z0-9-_.]*[a-zA-Z0-9])?$")
-_API_VERSION = "1.30"  # the first with configs; pinned so that making a client needs no round trip
+# The client negotiates the API version with the engine (Docker Engine 29 refuses < 1.44);
+# that is one round trip, made lazily on this object's threads under the call timeout.
+_API_VERSION = "auto"
 _DATA = b"StreamSpace agent leadership lock: the record is in this config's labels.\n"
 
 
@@ -89,6 +95,9 @@ class Record:
             return 0
 
 
+_SKIPPED = object()  # a standby round not run: an earlier one still hangs on the engine
+
+
 def _out_of_sequence(exc: docker.errors.APIError) -> bool:
     return "out of sequence" in str(exc)
 
@@ -114,8 +123,10 @@ class SwarmLeadership(Leadership):
         self.lease_duration = lease_duration
         self.renew_deadline = renew_deadline
         self.retry_period = retry_period
-        # The SDK's socket timeout: at least two renewal attempts fit in the renew deadline.
-        self.call_timeout = renew_deadline / 2
+        # The SDK's socket timeout, per call. A renewal is a read and a write, so two calls
+        # per attempt: with renew_deadline / 4, two whole attempts fit in the renew deadline.
+        self.call_timeout = min(retry_period, renew_deadline / 4)
+        self.release_timeout = min(renew_deadline, 4.0)  # the runtime caps release() at 5 s
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="swarm-leadership")
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
@@ -194,10 +205,10 @@ class SwarmLeadership(Leadership):
             raise
         return sent
 
-    def _try_acquire(self) -> float | None:
-        """One standby round: the send time of a winning write, or None."""
+    def _try_acquire(self) -> Any:
+        """One standby round: the send time of a winning write, None, or _SKIPPED."""
         if not self._round.acquire(blocking=False):
-            return None  # an earlier round still hangs on the engine
+            return _SKIPPED  # an earlier round still hangs on the engine
         try:
             return self._standby_round()
         finally:
@@ -223,14 +234,15 @@ class SwarmLeadership(Leadership):
             return None
         return self._write(record, self.identity)
 
-    def _renew(self) -> float | bool:
-        """One leader round: the send time of a successful renewal, False if no longer ours,
-        True if the record moved under us (a write of someone else's labels): try again."""
+    def _renew(self) -> float | str | None:
+        """One leader round: the send time of a successful renewal; None if the record moved
+        under us (a write of someone else's labels): try again; else why it is no longer ours."""
         record = self._read()
-        if record is None or record.holder != self.identity:
-            return False
-        sent = self._write(record, self.identity)
-        return True if sent is None else sent
+        if record is None:
+            return f"the lock's config {self.name} was deleted"
+        if record.holder != self.identity:
+            return f"another replica holds the lock ({record.holder or 'released'})"
+        return self._write(record, self.identity)
 
     def _clear(self) -> None:
         for _ in range(3):  # the version may move between read and write; retry a little
@@ -242,7 +254,10 @@ class SwarmLeadership(Leadership):
 
     async def _call(self, seconds: float, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await within(seconds, loop.run_in_executor(self._pool, fn))
+        result = await within(seconds, loop.run_in_executor(self._pool, fn))
+        if result is not _SKIPPED:  # the engine answered: the next outage's error is logged again
+            self._last_error = ""
+        return result
 
     def _warn(self, what: str, exc: BaseException) -> None:
         """Engine errors: once per distinct message at warning (no spam every retry period)."""
@@ -264,6 +279,9 @@ class SwarmLeadership(Leadership):
             except Exception as exc:  # TimeoutError, an unreachable engine, not a manager ...
                 self._warn("acquire attempt", exc)
                 sent = None
+            if sent is _SKIPPED:  # a round still hangs: wait a retry period, not a busy loop
+                await asyncio.sleep(self.retry_period)
+                continue
             if sent is not None and time.monotonic() - sent < self.renew_deadline:
                 break
             pause = self.retry_period
@@ -271,7 +289,6 @@ class SwarmLeadership(Leadership):
                 pause = max(0.01, min(pause, self._seen_at + self.lease_duration - time.monotonic()))
             await asyncio.sleep(pause)
         self._last_renew = sent
-        self._last_error = ""
         self._seen = None
         self._leader = True
         self.terms += 1
@@ -296,10 +313,10 @@ class SwarmLeadership(Leadership):
                 except Exception as exc:  # an engine blip: retry until the deadline
                     self._warn("renewal", exc)
                     continue
-                if result is False:
-                    reason = "another replica holds the lock"
+                if isinstance(result, str):
+                    reason = result
                     return
-                if result is not True:
+                if result is not None:
                     self._last_renew = result
         finally:
             self._step_down(reason)
@@ -315,22 +332,23 @@ class SwarmLeadership(Leadership):
         await self._lost.wait()
 
     async def release(self) -> None:
-        was_leader = self._leader
         self._step_down("released")
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-        if not was_leader:
-            return
+        if self.terms == 0:
+            return  # never held it: nothing of ours to clear
+        # Also after a step-down: the record may still name us (a renewal late, not refused);
+        # _clear writes only over our own holder, so a successor's record stays.
         try:
-            await self._call(self.renew_deadline, self._clear)
+            await self._call(self.release_timeout, self._clear)
         except Exception as exc:  # then a standby waits out the lease instead
             log.warning("swarm leadership %s: release failed, the lease will lapse instead: %s", self.name, exc)
 
     def close(self) -> None:
-        """Free the threads and the client (an addition to the Leadership interface)."""
+        """Free the threads and the client (the runtime calls it at shutdown, after release)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._client_lock:
             client, self._client = self._client, None

@@ -21,8 +21,14 @@ Guarantees:
   background thread refreshes, with a timeout;
 * SIGTERM/SIGINT drains: heartbeat ``draining`` at once, new commands left unacked (the
   control plane redelivers them), in-flight ones finish (up to ``drain_timeout``),
-  tunnels closed, socket closed with 1000, leadership released, exit 0. Sessions keep
-  running.
+  tunnels closed, socket closed with 1000, leadership released (and closed), exit 0.
+  Sessions keep running;
+* a replica that loses the leadership stops acting at once: the connection drops, the
+  commands in flight are cancelled and their answers never sent (the new leader's
+  ``hello`` puts every unfinished command back to pending, so the control plane
+  redelivers them there), and every backend call that changes state is preceded by a
+  check of ``leadership.is_leader`` (a backend call already running in its thread cannot
+  be stopped; what it did is reconciled from the next leader's listing).
 """
 
 from __future__ import annotations
@@ -85,6 +91,10 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot say what it holds: the agent does not connect yet."""
 
 
+class NotLeader(RuntimeError):
+    """This replica does not hold the leadership (any more): it must not act."""
+
+
 class Agent:
     """The runtime. ``await Agent(cfg, backend, leadership).run()`` returns 0 after a drain."""
 
@@ -131,6 +141,7 @@ class Agent:
         self._tails: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()
         self.superseded = False  # another process connected as this agent: this one stops
+        self.terms_lost = 0  # leadership losses seen; a command that spans one is not answered
 
         # session cache for heartbeats
         self._sessions: list[SessionStatus] = []
@@ -215,6 +226,7 @@ class Agent:
                 await asyncio.to_thread(watcher.join, 2)
             with contextlib.suppress(Exception):
                 await within(5, self.leadership.release())
+            await self._close_leadership()
             with contextlib.suppress(Exception):
                 await within(5, asyncio.to_thread(self.backend.close))
             self.metrics.close()
@@ -227,6 +239,17 @@ class Agent:
             return EXIT_SUPERSEDED
         log.info("agent stopped")
         return 0
+
+    async def _close_leadership(self) -> None:
+        """Free the leadership's client and threads if it has a ``close``/``aclose``."""
+        aclose, close = getattr(self.leadership, "aclose", None), getattr(self.leadership, "close", None)
+        try:
+            if callable(aclose):
+                await within(5, aclose())
+            elif callable(close):
+                close()
+        except Exception as exc:
+            log.warning("closing the leadership client failed: %s", exc)
 
     # --- drain -----------------------------------------------------------------------
 
@@ -404,7 +427,7 @@ class Agent:
                         "control plane closed the connection (close %s: %s)", ws.close_code, ws.close_reason or "-"
                     )
                 elif task.get_name() == "agent-leadership":
-                    log.warning("leadership lost: disconnecting")
+                    self._leadership_lost()
             return True
         finally:
             self._ws = None
@@ -421,6 +444,19 @@ class Agent:
 
     async def _watch_leadership(self) -> None:
         await self.leadership.lost()
+
+    def _leadership_lost(self) -> None:
+        """Stop acting: cancel the commands in flight (no answer goes out for them; the
+        control plane redelivers unfinished commands after the next leader's hello)."""
+        self.terms_lost += 1
+        inflight = [task for task in self._inflight.values() if not task.done()]
+        for task in inflight:
+            task.cancel()
+        log.warning("leadership lost: disconnecting; %d command(s) in flight cancelled, not answered", len(inflight))
+
+    def _ensure_leader(self) -> None:
+        if not self.leadership.is_leader:
+            raise NotLeader("not the leader")
 
     # --- the one writer --------------------------------------------------------------
 
@@ -556,6 +592,7 @@ class Agent:
         command_id, type_, session_id = p["command_id"], p["type"], p.get("session_id") or ""
         execution = key[1]
         started = time.monotonic()
+        term = self.terms_lost
         try:
             result = await self._execute(type_, session_id, p.get("payload") or {})
             answer = ("complete", {"command_id": command_id, "execution": execution, "result": result})
@@ -570,6 +607,9 @@ class Agent:
             self.metrics.commands.labels(type_, "failed").inc()
         except asyncio.CancelledError:
             raise
+        except NotLeader:
+            log.warning("command %s %s %s not run: leadership lost", command_id, type_, session_id)
+            return
         except Exception:
             log.exception("command %s %s %s crashed", command_id, type_, session_id)
             answer = (
@@ -587,6 +627,11 @@ class Agent:
             outcome,
             time.monotonic() - started,
         )
+        if self.terms_lost != term or not self.leadership.is_leader:
+            # The leadership was lost while it ran: no answer (neither now nor after a new
+            # hello); a redelivery runs it again (the backends are idempotent).
+            log.warning("command %s %s %s: leadership lost while it ran, not answered", command_id, type_, session_id)
+            return
         self._results[key] = answer
         if len(self._results) > RESULT_CACHE_SIZE:
             self._results.popitem(last=False)
@@ -626,6 +671,13 @@ class Agent:
         async with self._threads:
             return await self._thread_call(fn, *args, **kwargs)
 
+    async def _act(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """A backend call that changes state: only while this replica leads, checked right
+        before the call starts (after the wait for a free thread). NotLeader otherwise."""
+        async with self._threads:
+            self._ensure_leader()
+            return await self._thread_call(fn, *args, **kwargs)
+
     async def _thread_call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -653,15 +705,15 @@ class Agent:
             raise BackendError(f"{type_} needs a session_id", retryable=False)
         if type_ == "create_session":
             spec = SessionSpec.from_payload(session_id, payload)
-            status = await self._in_thread(b.create, spec)
+            status = await self._act(b.create, spec)
         elif type_ == "terminate_session":
-            await self._in_thread(b.terminate, session_id, keep_home=bool(payload.get("keep_home")))
+            await self._act(b.terminate, session_id, keep_home=bool(payload.get("keep_home")))
             self._sessions = [s for s in self._sessions if s.session_id != session_id]
             return {"session_id": session_id, "state": "terminated"}
         elif type_ == "hibernate_session":
-            status = await self._in_thread(b.hibernate, session_id)
+            status = await self._act(b.hibernate, session_id)
         elif type_ == "wake_session":
-            status = await self._in_thread(b.wake, session_id)
+            status = await self._act(b.wake, session_id)
         elif type_ == "get_session":
             status = await self._in_thread(b.status, session_id)
         else:
@@ -682,7 +734,7 @@ class Agent:
         while True:
             if not self.draining:
                 try:
-                    repaired = await self._in_thread(self.backend.maintain)
+                    repaired = await self._act(self.backend.maintain)
                     if repaired:
                         log.warning("repaired what the platform lost: %s", ", ".join(repaired))
                     await self.collect_garbage()
@@ -690,6 +742,8 @@ class Agent:
                     raise
                 except BackendError as exc:
                     log.warning("garbage collection failed: %s", exc.detail)
+                except NotLeader:
+                    log.warning("garbage collection skipped: leadership lost")
                 except (NotConnected, ConnectionClosed, TimeoutError) as exc:
                     log.warning("garbage collection skipped: no verdict from the control plane (%r)", exc)
                 except Exception:
@@ -727,7 +781,7 @@ class Agent:
         if remove or remove_keep_home:
             # Objects made after the listing began are younger than the time since: keep them.
             grace = self.cfg.gc_grace + (time.monotonic() - asked)
-            removed = await self._in_thread(self.backend.collect_garbage, remove, remove_keep_home, grace)
+            removed = await self._act(self.backend.collect_garbage, remove, remove_keep_home, grace)
         self.gc_rounds += 1
         return removed
 

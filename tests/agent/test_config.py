@@ -159,3 +159,18 @@ def test_a_junk_metrics_setting_is_refused_by_name(clean_env, env, value, words)
 def test_the_metrics_port_is_off_unless_configured(clean_env):
     cfg = parse_config([])
     assert cfg.metrics_port == 0 and cfg.metrics_bind == "127.0.0.1"
+
+
+@pytest.mark.parametrize("value", ["manager.example", "tcp://manager:notaport", "ftp://manager:2376"])
+def test_a_junk_swarm_docker_host_is_refused_at_start_up_by_name(clean_env, value):
+    """Found by review: a bad HA_SWARM_DOCKER_HOST was only noticed at the first engine
+    call, as a warning repeated forever, with the agent never leading."""
+    clean_env.setenv("HA_SWARM_DOCKER_HOST", value)
+    with pytest.raises(ConfigError, match="HA_SWARM_DOCKER_HOST must be a Docker engine address"):
+        parse_config([])
+
+
+def test_a_swarm_docker_host_of_each_kind_is_taken(clean_env):
+    for value in ("unix:///run/docker.sock", "tcp://10.0.0.5:2376", "ssh://admin@manager"):
+        clean_env.setenv("HA_SWARM_DOCKER_HOST", value)
+        assert parse_config([]).ha_swarm_docker_host == value
