@@ -9,11 +9,11 @@
 # Env:   DESKTOP_IMAGE (tag), DEBIAN_MIRROR, DEBOOTSTRAP_CACHE
 set -euo pipefail
 
-TAG=${DESKTOP_IMAGE:-streamspace/desktop:bookworm-2}
+TAG=${DESKTOP_IMAGE:-streamspace/desktop:bookworm-3}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${DEBOOTSTRAP_CACHE:-/var/cache/streamspace/debootstrap}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-PACKAGES=tigervnc-standalone-server,tigervnc-tools,openbox,xterm,xfonts-base,fonts-dejavu-core,procps
+PACKAGES=tigervnc-standalone-server,tigervnc-tools,openbox,xterm,xfonts-base,fonts-dejavu-core,procps,xclip
 
 FORCE=0
 for arg in "$@"; do

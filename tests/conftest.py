@@ -3,6 +3,8 @@ online agent, the demo template, and API clients authenticated with real JWTs.""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from django.conf import settings
 from django.utils import timezone
@@ -84,7 +86,7 @@ def control_plane_b(django_db_setup, django_db_blocker):
     cp.stop()
 
 
-DESKTOP_IMAGE = "streamspace/desktop:bookworm-2"
+DESKTOP_IMAGE = os.environ.get("DESKTOP_IMAGE", "streamspace/desktop:bookworm-3")  # as tests/docker
 
 
 @pytest.fixture
@@ -124,7 +126,7 @@ def template(db):
     from sessions_app.models import Template
 
     return Template.objects.create(
-        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-2", default_cpu=1.0, default_memory_mb=1024
+        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-3", default_cpu=1.0, default_memory_mb=1024
     )
 
 

@@ -4,6 +4,7 @@ must leave no container, network or volume of that id behind."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE = "streamspace/desktop:bookworm-2"
+# The image scripts/build_desktop_image.sh builds (its DESKTOP_IMAGE, also read here).
+IMAGE = os.environ.get("DESKTOP_IMAGE", "streamspace/desktop:bookworm-3")
 RUN_ID = f"test-{uuid.uuid4().hex[:8]}"  # agent ids of this run start with it
 
 
