@@ -579,7 +579,7 @@ class DockerBackend(Backend):
                 ),
                 made,
             )
-            env = {**spec.env, "VNC_PASSWORD": spec.vnc_password}
+            env = {**spec.desktop_env(), "VNC_PASSWORD": spec.vnc_password}
             if spec.egress == "proxy" and self.egress_proxy:
                 env.update(eg.proxy_env(self.egress_proxy))
             container = self._call(
