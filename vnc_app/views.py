@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from sessions_app import lifecycle, selectors
+from sessions_app import clipboard, lifecycle, selectors
 from streamspace.errors import NotFound
 
 
@@ -43,5 +43,6 @@ def viewer(request, session_id):
         "rfb_module_url": static("novnc/core/rfb.js"),
         "login_url": f"{reverse('portal:login')}?{urlencode({'next': request.get_full_path()})}",
         "portal_url": reverse("portal:home"),
+        "clipboard": clipboard.as_payload(session.template),  # the relay and Xvnc enforce it too
     }
     return render(request, "vnc/viewer.html", {"session": session, "viewer_config": config})
