@@ -393,24 +393,25 @@ function reconnectNow() {
 // Resize: the desktop takes the screen area's size (noVNC debounces window resizes).
 // Scale: the desktop keeps its size and is scaled to fit. Both scale a desktop that
 // refused a size.
+function showFit() {
+  const resize = viewer.fit === "resize";
+  fitButton.textContent = resize ? "Scale instead" : "Fit to window";
+  fitButton.title = resize ? "Keep the desktop's size and scale it to the window" : "Resize the desktop to the window";
+}
+
 function applyFit(client) {
   client.scaleViewport = true;
   client.resizeSession = viewer.fit === "resize";
-  fitButton.textContent = viewer.fit === "resize" ? "Scale instead" : "Fit to window";
-  fitButton.title =
-    viewer.fit === "resize"
-      ? "Keep the desktop's size and scale it to the window"
-      : "Resize the desktop to the window";
+  showFit();
 }
 
 function toggleFit() {
   viewer.fit = viewer.fit === "resize" ? "scale" : "resize";
   localStorage.setItem(FIT_KEY, viewer.fit);
+  showFit();
   if (rfb) {
     applyFit(rfb);
     rfb.focus();
-  } else {
-    fitButton.textContent = viewer.fit === "resize" ? "Scale instead" : "Fit to window";
   }
 }
 
@@ -450,6 +451,7 @@ window.addEventListener(
 
 document.getElementById("viewer-fullscreen").addEventListener("click", toggleFullscreen);
 fitButton.addEventListener("click", toggleFit);
+showFit();
 document.getElementById("viewer-reconnect").addEventListener("click", reconnectNow);
 wakeButton.addEventListener("click", wakeNow);
 stayButton.addEventListener("click", stay);
