@@ -13,7 +13,7 @@ TAG=${DESKTOP_IMAGE:-streamspace/desktop:bookworm-3}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${DEBOOTSTRAP_CACHE:-/var/cache/streamspace/debootstrap}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-PACKAGES=tigervnc-standalone-server,tigervnc-tools,openbox,xterm,xfonts-base,fonts-dejavu-core,procps,pulseaudio,gstreamer1.0-tools,gstreamer1.0-plugins-base,socat
+PACKAGES=tigervnc-standalone-server,tigervnc-tools,openbox,xterm,xfonts-base,fonts-dejavu-core,procps,pulseaudio,gstreamer1.0-tools,gstreamer1.0-plugins-base,socat,xclip
 
 FORCE=0
 for arg in "$@"; do

@@ -21,6 +21,8 @@ class TemplateAdmin(admin.ModelAdmin):
             "slug", "name", "description", "image", "vnc_port", "sound", "default_cpu", "default_memory_mb", "env",
             "volume_mount_path", "enabled", "platform", "region", "egress", "egress_allow",
         ]}),
+        ("Clipboard (size limits: CLIPBOARD_MAX_TO_DESKTOP / CLIPBOARD_MAX_TO_BROWSER)",
+         {"fields": ["clipboard_to_desktop", "clipboard_to_browser"]}),
         ("Lifecycle policy (empty: the environment's default; a group's policy overrides)",
          {"fields": ["idle_timeout", "idle_action", "no_viewer_timeout", "max_lifetime"]}),
     ]  # fmt: skip

@@ -7,6 +7,7 @@ from django.db import models
 from django.db.models import Q
 
 from agent_clients.backends import egress
+from sessions_app import clipboard
 from sessions_app.limits import validate_cpu, validate_memory
 from sessions_app.states import State
 from streamspace.errors import InvalidInput
@@ -56,6 +57,9 @@ class Template(models.Model):
         validators=[validate_egress_allow],
         help_text='Also allowed, in any mode: a list of "CIDR", "CIDR:port" or "port" (e.g. ["10.1.2.0/24:443"])',
     )
+    # Clipboard between the viewer and the desktop (sessions_app.clipboard), per direction.
+    clipboard_to_desktop = models.BooleanField(default=True, help_text="Viewers may paste into the desktop")
+    clipboard_to_browser = models.BooleanField(default=True, help_text="Viewers may copy out of the desktop")
     # Lifecycle policy (sessions_app.lifecycle): seconds, 0 = off, empty = the environment's default.
     idle_timeout = models.PositiveIntegerField(
         null=True, blank=True, help_text="Seconds without key or pointer input before the idle action (0 = off)"
@@ -97,6 +101,7 @@ class Template(models.Model):
             "volume_mount_path": self.volume_mount_path,
             "egress": self.egress,
             "egress_allow": [str(rule) for rule in egress.parse_allow(self.egress_allow)],
+            "clipboard": clipboard.as_payload(self),
         }
 
 

@@ -186,6 +186,9 @@ SESSION_IDLE_WARNING = env_seconds("SESSION_IDLE_WARNING", 60, minimum=0)
 # The relay writes a session's last input at most this often (the first input at once); the
 # idle timeout counts from the last write plus this, so input between writes is never missed.
 SESSION_ACTIVITY_INTERVAL = env_seconds("SESSION_ACTIVITY_INTERVAL", 10, minimum=0.1)
+# The most UTF-8 text one clipboard transfer carries, per direction (sessions_app.clipboard).
+CLIPBOARD_MAX_TO_DESKTOP = env_int("CLIPBOARD_MAX_TO_DESKTOP", 1024 * 1024, minimum=1)
+CLIPBOARD_MAX_TO_BROWSER = env_int("CLIPBOARD_MAX_TO_BROWSER", 1024 * 1024, minimum=1)
 
 # Per-user limits when no Quota row applies.
 QUOTA_DEFAULT_MAX_SESSIONS = env_int("QUOTA_DEFAULT_MAX_SESSIONS", 5)

@@ -1,15 +1,19 @@
-"""Spotting user input in the RFB stream a viewer sends.
+"""Spotting user input in the RFB stream a viewer sends, and holding its clipboard to the rules.
 
 The messages are built byte for byte as noVNC 1.7 builds them (``RFB.messages`` in
-``node_modules/@novnc/novnc/core/rfb.js``)."""
+``node_modules/@novnc/novnc/core/rfb.js``), and a stream real noVNC sent is replayed."""
 
+import base64
 import logging
 import random
 import struct
+import zlib
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from vnc_app.rfb import ClientStreamWatcher
+from vnc_app.rfb import CLIP_CAPS, CLIP_NOTIFY, CLIP_PROVIDE, CLIP_REQUEST, ClientStreamWatcher, ClipboardRules
 
 HANDSHAKE = b"RFB 003.008\n" + b"\x02" + b"r" * 16 + b"\x01"
 
@@ -202,3 +206,140 @@ def test_any_bytes_at_all_never_raise():
             cut = rng.randrange(1, 40)
             watcher.feed(stream[:cut])
             stream = stream[cut:]
+
+
+# --- what real noVNC sent, and the clipboard rules -----------------------------------------
+
+# Every byte noVNC 1.7 in Chromium sent TigerVNC 1.12 through the relay in
+# tests/browser/test_viewer_clipboard.py (STREAMSPACE_CAPTURE_RFB=<file> writes it):
+# the handshake, 49 SetDesktopSize as the window was resized and made full screen,
+# 108 EnableContinuousUpdates and 87 fences, the extended clipboard (Caps, Notify,
+# Provide both ways), QEMU extended key events and pointer events.
+CAPTURED = base64.b64decode((Path(__file__).parent / "data" / "novnc-client-stream.b64").read_bytes())
+TEXT_LIMIT = 1 << 20
+
+
+def split_messages(stream: bytes) -> list[bytes]:
+    """The captured client messages, cut by lengths written out here (not the watcher's)."""
+    rest, out = stream[30:], [stream[:30]]  # version, security type, VncAuth response, ClientInit
+    fixed = {0: 20, 3: 10, 4: 8, 150: 10, 255: 12, 5: 6}
+    while rest:
+        kind = rest[0]
+        if kind in fixed:
+            n = fixed[kind]
+        elif kind == 2:
+            n = 4 + 4 * struct.unpack_from(">H", rest, 2)[0]
+        elif kind == 6:
+            n = 8 + abs(struct.unpack_from(">i", rest, 4)[0])
+        elif kind == 248:
+            n = 9 + rest[8]
+        elif kind == 251:
+            n = 8 + 16 * rest[6]
+        else:
+            raise AssertionError(f"message type {kind} in the capture")
+        out.append(rest[:n])
+        rest = rest[n:]
+    return out
+
+
+MESSAGES = split_messages(CAPTURED)
+
+
+def clip_flags(message: bytes) -> int | None:
+    """The extended clipboard flags of a message, None for any other message."""
+    if message[0] != 6 or struct.unpack_from(">i", message, 4)[0] >= 0:
+        return None
+    return struct.unpack_from(">I", message, 8)[0]
+
+
+def rewritten_caps(message: bytes, size: int) -> bytes:
+    return message[:12] + struct.pack(">I", size) + message[16:]
+
+
+def test_the_capture_holds_what_the_brief_says_novnc_sends():
+    kinds = Counter(m[0] for m in MESSAGES[1:])
+    assert {251, 150, 248, 255, 6, 5} <= set(kinds), kinds
+    actions = [clip_flags(m) >> 24 for m in MESSAGES if clip_flags(m) is not None]
+    assert 0x1F in actions and 0x08 in actions and 0x10 in actions  # Caps, Notify, Provide
+
+
+@pytest.mark.parametrize("chunk", [len(CAPTURED), 1, 7, 100], ids=lambda n: f"{n}-byte chunks")
+def test_the_real_novnc_stream_is_followed_to_its_end_and_handed_on(chunk):
+    watcher = ClientStreamWatcher()
+    out, saw = b"", False
+    for i in range(0, len(CAPTURED), chunk):
+        saw |= watcher.feed(CAPTURED[i : i + chunk])
+        out += watcher.take()
+    assert saw and not watcher.lost and watcher._stage == "messages" and not watcher._buf
+    # Everything goes on untouched, but for the Caps: the text noVNC takes unasked is the limit.
+    expected = b"".join(rewritten_caps(m, TEXT_LIMIT) if (clip_flags(m) or 0) & CLIP_CAPS else m for m in MESSAGES)
+    assert out == expected
+    assert watcher.dropped_cut_texts == 0
+
+
+def test_with_the_clipboard_to_the_desktop_off_its_notify_and_provide_are_dropped():
+    watcher = ClientStreamWatcher(ClipboardRules(to_desktop=False))
+    watcher.feed(CAPTURED)
+
+    def offers_text(m):  # a Notify or a Provide (the Caps list those actions too)
+        flags = clip_flags(m)
+        return flags is not None and not flags & CLIP_CAPS and bool(flags & (CLIP_NOTIFY | CLIP_PROVIDE))
+
+    kept = [m for m in MESSAGES if not offers_text(m)]
+    assert len(kept) == len(MESSAGES) - 4
+    assert watcher.take() == b"".join(rewritten_caps(m, TEXT_LIMIT) if clip_flags(m) else m for m in kept)
+    assert watcher.feed(key_event()) and watcher.take() == key_event()  # still in step
+
+
+def test_with_the_clipboard_to_the_browser_off_the_caps_accept_nothing_and_requests_are_dropped():
+    rules = ClipboardRules(to_browser=False)
+    watcher = ClientStreamWatcher(rules)
+    request = cut_text(struct.pack(">I", CLIP_REQUEST | 1), extended=True)
+    watcher.feed(CAPTURED + request + key_event())
+    out = watcher.take()
+    assert out.endswith(key_event()) and request not in out
+    caps = next(m for m in MESSAGES if (clip_flags(m) or 0) & CLIP_CAPS)
+    assert rewritten_caps(caps, 0) in out
+
+
+def test_a_request_for_the_desktops_clipboard_is_always_dropped():
+    """Xvnc sends its clipboard unasked when it fits the Caps' limit; a larger one it only
+    announces, and the viewer's Request for it never reaches Xvnc."""
+    watcher = ClientStreamWatcher()
+    request = cut_text(struct.pack(">I", CLIP_REQUEST | 1), extended=True)
+    watcher.feed(HANDSHAKE + request + pointer_event())
+    assert watcher.take() == HANDSHAKE + pointer_event()
+
+
+def provide(text: bytes) -> bytes:
+    deflated = zlib.compress(struct.pack(">I", len(text) + 1) + text + b"\0")
+    return cut_text(struct.pack(">I", CLIP_PROVIDE | 1) + deflated, extended=True)
+
+
+def test_a_provide_longer_than_the_limit_is_dropped_however_well_it_compresses():
+    watcher = ClientStreamWatcher(ClipboardRules(max_to_desktop=1000))
+    fits, too_long = provide("é".encode() * 500), provide(b"a" * 1001)
+    assert len(too_long) < 100  # deflated: only the text's own length tells
+    watcher.feed(HANDSHAKE + fits + too_long + key_event())
+    assert watcher.take() == HANDSHAKE + fits + key_event()
+    assert watcher.dropped_cut_texts == 1
+
+
+def test_a_legacy_cut_text_over_the_limit_is_dropped_as_it_streams():
+    watcher = ClientStreamWatcher(ClipboardRules(max_to_desktop=1000))
+    watcher.feed(HANDSHAKE)
+    watcher.take()
+    watcher.feed(cut_text(b"x" * 1000))
+    assert watcher.take() == cut_text(b"x" * 1000)
+    watcher.feed(cut_text(b"")[:4] + struct.pack(">I", 5000) + b"y" * 3000)
+    assert watcher.take() == b"" and not watcher._buf
+    watcher.feed(b"y" * 2000 + key_event())
+    assert watcher.take() == key_event()
+
+
+def test_a_stream_that_cannot_be_followed_is_handed_on_untouched():
+    watcher = ClientStreamWatcher()
+    watcher.feed(b"RFB 003.003\n" + b"r" * 16)
+    watcher.feed(b"anything")
+    assert watcher.lost and watcher.take() == b"RFB 003.003\n" + b"r" * 16 + b"anything"
+    assert not watcher.rules.restricts and ClipboardRules(to_browser=False).restricts

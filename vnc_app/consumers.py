@@ -19,7 +19,7 @@ from django.conf import settings
 
 from agent_clients import protocol
 from agent_clients.runtime.logfmt import log_context
-from sessions_app import selectors
+from sessions_app import clipboard, selectors
 from sessions_app import services as session_services
 from sessions_app.states import State
 from streamspace.errors import NotFound
@@ -47,10 +47,11 @@ def same_origin(scope) -> bool:
 
 @database_sync_to_async
 def _load(user, session_id):
-    """(session id, agent channel, state, template has sound) if the user may view the
-    session; NotFound otherwise."""
+    """(session id, agent channel, state, template has sound, clipboard rules) if the user
+    may view the session; NotFound otherwise."""
     session = selectors.session_get_for_user(user=user, session_id=session_id)
-    return session.pk, (session.agent.channel_name if session.agent else ""), session.state, session.template.sound
+    agent_channel = session.agent.channel_name if session.agent else ""
+    return session.pk, agent_channel, session.state, session.template.sound, clipboard.rules(session.template)
 
 
 class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
@@ -90,7 +91,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
             await self._finish(protocol.CLOSE_FORBIDDEN, "cross-site viewer connections need ?token=<JWT>")
             return
         try:
-            self.session_id, self.agent_channel, state, sound = await _load(
+            self.session_id, self.agent_channel, state, sound, rules = await _load(
                 user, self.scope["url_route"]["kwargs"]["session_id"]
             )
         except NotFound:
@@ -99,6 +100,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         if refusal := self.refusal(sound=sound):
             await self._finish(*refusal)
             return
+        self.watcher = ClientStreamWatcher(rules)
         if state != State.RUNNING:
             await self._finish(protocol.CLOSE_UNAVAILABLE, f"the session is {state}, not running")
             return
@@ -179,6 +181,12 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         self.bytes_from_client += len(bytes_data)
         if self.watcher.feed(bytes_data):
             await self._note_input()
+        if self.watcher.lost and self.watcher.rules.restricts:  # no longer held (vnc_app.rfb)
+            await self._finish(protocol.CLOSE_PROTOCOL_ERROR, "the viewer's RFB stream cannot be followed")
+            return
+        bytes_data = self.watcher.take()
+        if not bytes_data:
+            return
         if not self.ready:
             self.pending.append(bytes_data)
             if sum(map(len, self.pending)) > MAX_VIEWER_BACKLOG:

@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from sessions_app import lifecycle, selectors
+from sessions_app import clipboard, lifecycle, selectors
 from streamspace.errors import NotFound
 
 
@@ -45,5 +45,6 @@ def viewer(request, session_id):
         "portal_url": reverse("portal:home"),
         # The second socket, for templates with sound (static/js/viewer-audio.js); absent otherwise.
         "audio_url": f"{scheme}://{request.get_host()}/api/v1/audio/{session.pk}" if session.template.sound else "",
+        "clipboard": clipboard.as_payload(session.template),  # the relay and Xvnc enforce it too
     }
     return render(request, "vnc/viewer.html", {"session": session, "viewer_config": config})

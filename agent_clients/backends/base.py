@@ -52,11 +52,25 @@ class SessionSpec:
     egress: str = "internet"  # agent_clients.backends.egress.MODES
     egress_allow: tuple[str, ...] = ()  # extra destinations: "CIDR", "CIDR:port" or "port"
     sound: bool = False  # the template's sound: the desktop serves an Opus stream on SOUND_PORT
+    clipboard_to_desktop: bool = True
+    clipboard_to_browser: bool = True
+    clipboard_max_to_desktop: int = 1 << 20  # bytes
+
+    def desktop_env(self) -> dict[str, str]:
+        """The container's environment: the template's, then the clipboard rules the desktop
+        image hands to Xvnc (images/desktop/entrypoint.sh), which a template cannot override."""
+        return {
+            **self.env,
+            "VNC_CLIPBOARD_TO_DESKTOP": "1" if self.clipboard_to_desktop else "0",
+            "VNC_CLIPBOARD_TO_BROWSER": "1" if self.clipboard_to_browser else "0",
+            "VNC_CLIPBOARD_MAX_TO_DESKTOP": str(max(1, self.clipboard_max_to_desktop)),
+        }
 
     @classmethod
     def from_payload(cls, session_id: str, payload: dict[str, Any]) -> SessionSpec:
         try:
             template = payload.get("template") or {}
+            clipboard = template.get("clipboard") or {}
             return cls(
                 session_id=str(session_id),
                 owner=str(payload.get("owner", "")),
@@ -72,6 +86,9 @@ class SessionSpec:
                 egress=str(template.get("egress") or "internet"),
                 egress_allow=tuple(str(e) for e in template.get("egress_allow") or ()),
                 sound=template.get("sound") is True,
+                clipboard_to_desktop=bool(clipboard.get("to_desktop", True)),
+                clipboard_to_browser=bool(clipboard.get("to_browser", True)),
+                clipboard_max_to_desktop=int(clipboard.get("max_to_desktop", 1 << 20)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackendError(f"invalid create_session payload: {exc}", retryable=False) from None

@@ -585,7 +585,7 @@ class DockerBackend(Backend):
                 ),
                 made,
             )
-            env = {**spec.env, "VNC_PASSWORD": spec.vnc_password}
+            env = {**spec.desktop_env(), "VNC_PASSWORD": spec.vnc_password}
             sound = {LABEL_SOUND_PORT: str(SOUND_PORT)} if spec.sound else {}
             if spec.sound:
                 env["SOUND_PORT"] = str(SOUND_PORT)

@@ -323,7 +323,7 @@ def make_deployment(
     validate(spec, egress_proxy=egress_proxy, min_cpu=min_cpu, min_memory_mb=min_memory_mb)
     pod_labels = labels(spec, agent_id)
     env: list[dict[str, Any]] = [
-        {"name": name, "value": value} for name, value in sorted(spec.env.items()) if name != VNC_PASSWORD_KEY
+        {"name": name, "value": value} for name, value in sorted(spec.desktop_env().items()) if name != VNC_PASSWORD_KEY
     ]
     if spec.egress == "proxy" and egress_proxy is not None:
         env += [{"name": k, "value": v} for k, v in eg.proxy_env(egress_proxy).items()]

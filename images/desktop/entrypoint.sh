@@ -4,7 +4,8 @@
 # Refuses to start without VNC_PASSWORD: this image never runs an open VNC server.
 # Xvnc listens on all interfaces *inside* the container; the host publishes the port on
 # 127.0.0.1 only. Settings: VNC_PASSWORD (required), VNC_PORT (5901), VNC_GEOMETRY (1280x800),
-# SOUND_PORT (unset: no sound; else the Opus stream's port, see the sound block).
+# SOUND_PORT (unset: no sound; else the Opus stream's port, see the sound block),
+# and the clipboard ones in the block below.
 set -eu
 
 if [ -z "${VNC_PASSWORD:-}" ]; then
@@ -56,10 +57,25 @@ STREAM
     socat TCP-LISTEN:"$SOUND_PORT",reuseaddr,nodelay,fork,max-children=8 EXEC:"$RUN_DIR/sound-stream" >/dev/null 2>&1 &
 fi
 # --- end of sound --------------------------------------------------------------------------
+# --- clipboard (StreamSpace sets these from the template and the operator's limits) ---
+# VNC_CLIPBOARD_TO_DESKTOP / VNC_CLIPBOARD_TO_BROWSER: 1 (default) or 0 turns a direction
+# off; VNC_CLIPBOARD_MAX_TO_DESKTOP: largest clipboard accepted from a viewer, in bytes.
+# AllowOverride leaves out SendCutText and AcceptCutText: vncconfig inside the desktop
+# cannot turn a direction back on.
+for value in "${VNC_CLIPBOARD_TO_DESKTOP:-1}" "${VNC_CLIPBOARD_TO_BROWSER:-1}" "${VNC_CLIPBOARD_MAX_TO_DESKTOP:-1048576}"; do
+    case $value in
+        '' | *[!0-9]*) echo "streamspace-desktop: refusing to start: bad VNC_CLIPBOARD_* value '$value'" >&2; exit 64 ;;
+    esac
+done
+CLIPBOARD_ARGS="-AcceptCutText=${VNC_CLIPBOARD_TO_DESKTOP:-1} -SendCutText=${VNC_CLIPBOARD_TO_BROWSER:-1}"
+CLIPBOARD_ARGS="$CLIPBOARD_ARGS -MaxCutText=${VNC_CLIPBOARD_MAX_TO_DESKTOP:-1048576}"
+CLIPBOARD_ARGS="$CLIPBOARD_ARGS -AllowOverride=desktop,AcceptPointerEvents,SendPrimary,SetPrimary"
+# --- end clipboard ---
 
 rm -f /tmp/.X1-lock /tmp/.X11-unix/X1 2>/dev/null || true
 Xvnc :1 -rfbport "$VNC_PORT" -SecurityTypes VncAuth -PasswordFile "$PASSWD_FILE" \
-    -geometry "$VNC_GEOMETRY" -depth 24 -localhost=0 -AlwaysShared -desktop StreamSpace &
+    -geometry "$VNC_GEOMETRY" -depth 24 -localhost=0 -AlwaysShared -desktop StreamSpace \
+    $CLIPBOARD_ARGS &
 XVNC_PID=$!
 
 trap 'kill -TERM "$XVNC_PID" 2>/dev/null; exit 0' TERM INT

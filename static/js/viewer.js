@@ -4,6 +4,11 @@
 // viewer offers a Wake button instead. It waits for a session that is starting,
 // reconnects with exponential backoff when the link drops, and reports what it does
 // in #viewer-status (text + data-state) and in window.streamspaceViewer for tests.
+// The desktop follows the window's size (noVNC's resizeSession: SetDesktopSize on open,
+// on resize and on full screen) unless the user picks Scale (remembered in localStorage);
+// the clipboard lives in viewer-clipboard.js.
+
+import { setupClipboard } from "./viewer-clipboard.js";
 
 const config = JSON.parse(document.getElementById("viewer-config").textContent);
 const statusEl = document.getElementById("viewer-status");
@@ -25,6 +30,7 @@ const SLOW_POLL_MS = 3000;
 const WATCH_MS = config.watch_ms || 5000; // while connected, how often to look at the session's state
 const MAX_RELOADS = 3; // page reloads when noVNC's modules fail to load
 const RELOADS_KEY = `streamspace-viewer-reloads-${config.session_id}`;
+const FIT_KEY = "streamspace-viewer-fit"; // "resize" (the desktop follows the window) or "scale"
 // States that end a connection even if the desktop's socket stays open meanwhile.
 const LEAVING_STATES = new Set(["hibernating", "hibernated", "terminating", "terminated", "failed"]);
 
@@ -36,11 +42,14 @@ const viewer = {
   closeReason: "",
   message: "",
   warning: null, // the lifecycle warning shown ("Still there?"), as the API gave it
+  fit: localStorage.getItem(FIT_KEY) === "scale" ? "scale" : "resize",
   reconnect: () => reconnectNow(),
 };
 window.streamspaceViewer = viewer;
+const fitButton = document.getElementById("viewer-fit");
 
 let rfb = null;
+const clipboard = setupClipboard(config, viewer, () => rfb);
 let timer = null; // the one pending step (poll or reconnect)
 let generation = 0; // bumped by a manual reconnect, so stale callbacks do nothing
 let backoff = BACKOFF_MIN_MS;
@@ -255,9 +264,9 @@ async function connect() {
 
   const client = new RFB(screenEl, socket, { credentials: { password: config.password } });
   rfb = client;
-  client.scaleViewport = true;
-  client.resizeSession = false;
+  applyFit(client);
   client.focusOnClick = true;
+  clipboard.connected(client);
 
   let goodTimer = null;
   let watchTimer = null;
@@ -381,6 +390,31 @@ function reconnectNow() {
 
 // --- controls ----------------------------------------------------------------------------
 
+// Resize: the desktop takes the screen area's size (noVNC debounces window resizes).
+// Scale: the desktop keeps its size and is scaled to fit. Both scale a desktop that
+// refused a size.
+function showFit() {
+  const resize = viewer.fit === "resize";
+  fitButton.textContent = resize ? "Scale instead" : "Fit to window";
+  fitButton.title = resize ? "Keep the desktop's size and scale it to the window" : "Resize the desktop to the window";
+}
+
+function applyFit(client) {
+  client.scaleViewport = true;
+  client.resizeSession = viewer.fit === "resize";
+  showFit();
+}
+
+function toggleFit() {
+  viewer.fit = viewer.fit === "resize" ? "scale" : "resize";
+  localStorage.setItem(FIT_KEY, viewer.fit);
+  showFit();
+  if (rfb) {
+    applyFit(rfb);
+    rfb.focus();
+  }
+}
+
 function toggleFullscreen() {
   if (document.fullscreenElement) {
     document.exitFullscreen();
@@ -416,6 +450,8 @@ window.addEventListener(
 );
 
 document.getElementById("viewer-fullscreen").addEventListener("click", toggleFullscreen);
+fitButton.addEventListener("click", toggleFit);
+showFit();
 document.getElementById("viewer-reconnect").addEventListener("click", reconnectNow);
 wakeButton.addEventListener("click", wakeNow);
 stayButton.addEventListener("click", stay);

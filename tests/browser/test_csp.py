@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser.test_viewer_e2e import ALICE_PASSWORD, VIEWER_CONNECTED, desktop_frame, login
+from tests.browser.test_viewer_e2e import (
+    ALICE_PASSWORD,
+    DESKTOP_FOLLOWS_WINDOW,
+    SCREEN_SHAPE,
+    VIEWER_CONNECTED,
+    desktop_frame,
+    login,
+)
 from tests.conftest import make_agent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.browser]
@@ -138,8 +145,9 @@ def test_the_viewer_connects_and_shows_the_desktop_without_a_violation(
     response = viewer.goto(f"{base}/vnc-viewer/{session_id}")
     assert "connect-src 'self'" in response.headers["content-security-policy"]
     viewer.wait_for_function(VIEWER_CONNECTED, timeout=30_000)
+    viewer.wait_for_function(DESKTOP_FOLLOWS_WINDOW, timeout=20_000)
     frame = desktop_frame(viewer, 20)
-    assert frame.rgb.shape == (800, 1280, 3)
+    assert list(frame.rgb.shape) == viewer.evaluate(SCREEN_SHAPE)
     # The page's socket is same-origin and carries no credential: the login cookie decides.
     assert sockets == [f"ws://127.0.0.1:{control_plane.port}/api/v1/vnc/{session_id}"], sockets
     assert context.violations == [], context.violations

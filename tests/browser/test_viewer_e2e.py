@@ -32,6 +32,16 @@ BOB_PASSWORD = "bob-password-1"
 
 VIEWER_CONNECTED = "() => window.streamspaceViewer && window.streamspaceViewer.state === 'connected'"
 
+# The desktop has taken the size of the viewer's screen area (the viewer resizes it).
+DESKTOP_FOLLOWS_WINDOW = """() => {
+  const canvas = document.querySelector('#screen canvas');
+  const screen = document.getElementById('screen');
+  return !!canvas && canvas.width === screen.clientWidth && canvas.height === screen.clientHeight;
+}"""
+SCREEN_SHAPE = (
+    "() => [document.getElementById('screen').clientHeight, document.getElementById('screen').clientWidth, 3]"
+)
+
 # The RGBA pixels of noVNC's canvas (the remote framebuffer at its own size), base64 encoded.
 READ_CANVAS = """() => {
   const canvas = document.querySelector('#screen canvas');
@@ -232,8 +242,9 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
     assert viewer.get_attribute("#viewer-status", "data-state") == "connected"
     assert viewer.evaluate("window.streamspaceViewer.connects") == 1
     note_reloads(viewer, alice_ctx)
+    viewer.wait_for_function(DESKTOP_FOLLOWS_WINDOW, timeout=20_000)
     before = desktop_frame(viewer, 20)
-    assert before.rgb.shape == (800, 1280, 3)  # the desktop's geometry, not the browser's
+    assert list(before.rgb.shape) == viewer.evaluate(SCREEN_SHAPE)  # resized to the window, not 1280x800
 
     # 4. Typing reaches the focused xterm: the picture changes, over more than one text line
     # (the echoed command, its output, the next prompt).
@@ -280,8 +291,9 @@ def test_portal_viewer_typing_hibernate_wake_isolation_terminate(
     # first xterm after a start runs but its window never shows (killing it, the restarted
     # one appears in 0.6 s), likely a race with openbox starting at the same moment; the
     # woken desktop then stays black and this check fails. Drawn ~5.6 s after a wake otherwise.
+    viewer.wait_for_function(DESKTOP_FOLLOWS_WINDOW, timeout=20_000)
     woken = desktop_frame(viewer, 20)
-    assert woken.rgb.shape == (800, 1280, 3)
+    assert list(woken.rgb.shape) == viewer.evaluate(SCREEN_SHAPE)
     print(f"woken desktop: {woken.colours} colours, {woken.lit} lit pixels")
     wake = AgentCommand.objects.get(session_id=session_id, type=AgentCommand.Type.WAKE_SESSION)
     assert wake.status == AgentCommand.Status.COMPLETED
