@@ -330,9 +330,10 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
     async def tunnel_open(self, event):
         tunnel_id = event["tunnel_id"]
         self.tunnels[tunnel_id] = TunnelRoute(event["viewer"])
-        await self.send(
-            text_data=protocol.encode("tunnel_open", {"tunnel_id": tunnel_id, "session_id": event["session_id"]})
-        )
+        payload = {"tunnel_id": tunnel_id, "session_id": event["session_id"]}
+        if event.get("file"):  # a file transfer (files_app.transfer), not VNC
+            payload["file"] = event["file"]
+        await self.send(text_data=protocol.encode("tunnel_open", payload))
 
     async def tunnel_to_agent(self, event):
         route = self.tunnels.get(event["tunnel_id"])
