@@ -116,6 +116,15 @@ class Transfer:
         self.closed: str | None = None
         self.moved = 0
         self.responded = False
+        self.audit: int | None = None  # the FileTransfer row, until it is finished
+
+    async def _record(self, outcome: str, detail: str = "") -> None:
+        """Finish the audit row (once): before the client hears of success, so it is there by then."""
+        if self.audit is not None:
+            pk, self.audit = self.audit, None
+            await database_sync_to_async(services.transfer_finish)(
+                pk=pk, outcome=outcome, moved=self.moved, detail=detail
+            )
 
     # --- the tunnel end (events from the agent's consumer) -------------------------------
 
@@ -195,9 +204,8 @@ class Transfer:
 
     async def run(self) -> None:
         t = self.ticket
-        audit = None
         if t.op in ("get", "put"):
-            audit = await database_sync_to_async(services.transfer_begin)(ticket=t)
+            self.audit = await database_sync_to_async(services.transfer_begin)(ticket=t)
         self.channel_name = await self.channel_layer.new_channel("files.")
         relay.register(self)
         listener = asyncio.create_task(self._listen())
@@ -227,10 +235,7 @@ class Transfer:
                 with contextlib.suppress(TransferFailed):
                     await self._to_agent({"type": "tunnel.release", "tunnel_id": self.tunnel_id,
                                           "reason": detail or "transfer finished"})  # fmt: skip
-            if audit is not None:
-                await database_sync_to_async(services.transfer_finish)(
-                    pk=audit, outcome=outcome, moved=self.moved, detail=detail
-                )
+            await self._record(outcome, detail)
             log.info("file %s %s of %s: %s, %d B%s", t.op, t.path, t.session_id, outcome, self.moved,
                      f" ({detail})" if detail else "")  # fmt: skip
 
@@ -269,6 +274,7 @@ class Transfer:
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.moved += len(chunk)
                 await self._grant(len(chunk))
+            await self._record("ok")
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             gone.cancel()
@@ -293,6 +299,7 @@ class Transfer:
             raise TransferFailed(400, "invalid", f"the body held {self.moved} bytes, not its Content-Length {size}")
         answer = await self._line(COMMIT_TIMEOUT)
         answer.pop("ok", None)
+        await self._record("ok")
         await self._json(201, answer)
 
     async def _push(self, data: bytes) -> None:
