@@ -30,6 +30,11 @@ if [ ! -w "$HOME" ]; then
 fi
 cd "$HOME" 2>/dev/null || cd /
 
+# --- files: the folders the viewer's Files panel uses (uploads land in ~/Uploads, the
+# panel offers what is in ~/Downloads). The agent makes them too when they are missing.
+mkdir -p "$HOME/Uploads" "$HOME/Downloads" 2>/dev/null || true
+# --- end files
+
 rm -f /tmp/.X1-lock /tmp/.X11-unix/X1 2>/dev/null || true
 Xvnc :1 -rfbport "$VNC_PORT" -SecurityTypes VncAuth -PasswordFile "$PASSWD_FILE" \
     -geometry "$VNC_GEOMETRY" -depth 24 -localhost=0 -AlwaysShared -desktop StreamSpace &
