@@ -46,7 +46,7 @@ from _support import (
 from session_start import ApiClient, wait_online
 
 N = int(os.environ.get("BENCH_SESSIONS", "200"))
-IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-2")
+IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-3")
 CPU = 0.1
 MEMORY_MB = 96
 WINDOW = 6  # sessions starting at once

@@ -47,7 +47,7 @@ from _support import (
 )
 
 N = int(os.environ.get("BENCH_SESSIONS", "20"))
-IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-2")
+IMAGE = os.environ.get("BENCH_IMAGE", "streamspace/desktop:bookworm-3")
 CPU = 0.5
 MEMORY_MB = 256
 POLL = 0.01  # seconds between looks at the session row / the published port

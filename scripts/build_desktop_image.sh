@@ -9,7 +9,7 @@
 # Env:   DESKTOP_IMAGE (tag), DEBIAN_MIRROR, DEBOOTSTRAP_CACHE
 set -euo pipefail
 
-TAG=${DESKTOP_IMAGE:-streamspace/desktop:bookworm-2}
+TAG=${DESKTOP_IMAGE:-streamspace/desktop:bookworm-3}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=${DEBOOTSTRAP_CACHE:-/var/cache/streamspace/debootstrap}
 HERE=$(cd "$(dirname "$0")/.." && pwd)

@@ -84,7 +84,7 @@ def control_plane_b(django_db_setup, django_db_blocker):
     cp.stop()
 
 
-DESKTOP_IMAGE = "streamspace/desktop:bookworm-2"
+DESKTOP_IMAGE = "streamspace/desktop:bookworm-3"
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def template(db):
     from sessions_app.models import Template
 
     return Template.objects.create(
-        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-2", default_cpu=1.0, default_memory_mb=1024
+        slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-3", default_cpu=1.0, default_memory_mb=1024
     )
 
 

@@ -62,7 +62,7 @@ def tokens(transactional_db, settings, django_user_model):
     settings.AGENT_BOOTSTRAP_TOKEN = BOOTSTRAP
     plain = django_user_model.objects.create_user("alice", password="alice-password-1")
     staff = django_user_model.objects.create_user("carol", password="carol-password-1", is_staff=True)
-    template = Template.objects.create(slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-2")
+    template = Template.objects.create(slug="desktop", name="Desktop", image="streamspace/desktop:bookworm-3")
     Session.objects.create(owner=plain, template=template, agent=make_agent(), cpu=1, memory_mb=1024)
     return [str(AccessToken.for_user(plain)), str(AccessToken.for_user(staff))]
 

@@ -38,7 +38,7 @@ def test_it_creates_a_session_and_its_command_together(as_alice, template, agent
     assert body["cpu"] == 2.0 and body["memory_mb"] == 2048
     command = AgentCommand.objects.get(session_id=body["id"])
     assert command.type == "create_session" and command.status == "pending"
-    assert command.payload["template"]["image"] == "streamspace/desktop:bookworm-2"
+    assert command.payload["template"]["image"] == "streamspace/desktop:bookworm-3"
     assert command.payload["owner"] == "alice"
     assert len(command.payload["vnc_password"]) == 8
 

@@ -18,7 +18,7 @@ def form(**fields):
         "slug": "locked",
         "name": "Locked",
         "description": "",
-        "image": "streamspace/desktop:bookworm-2",
+        "image": "streamspace/desktop:bookworm-3",
         "vnc_port": 5901,
         "default_cpu": 1.0,
         "default_memory_mb": 1024,

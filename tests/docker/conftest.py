@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-IMAGE = "streamspace/desktop:bookworm-2"
+IMAGE = "streamspace/desktop:bookworm-3"
 RUN_ID = f"test-{uuid.uuid4().hex[:8]}"  # agent ids of this run start with it
 
 

@@ -19,7 +19,7 @@ def spec(**kw):
     base = dict(
         session_id="3f2a6c1e-9d4b-4f7a-8e21-0c5d9b7a1e44",
         owner="alice",
-        image="streamspace/desktop:bookworm-2",
+        image="streamspace/desktop:bookworm-3",
         vnc_port=5901,
         cpu=1.5,
         memory_mb=2048,
@@ -64,7 +64,7 @@ def test_deployment_shape():
     pod = dep["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     (c,) = pod["containers"]
-    assert c["image"] == "streamspace/desktop:bookworm-2"
+    assert c["image"] == "streamspace/desktop:bookworm-3"
     assert c["ports"] == [{"name": "vnc", "containerPort": 5901, "protocol": "TCP"}]
     assert c["resources"] == {
         "requests": {"cpu": "1500m", "memory": "2048Mi"},
@@ -186,7 +186,7 @@ def test_invalid_images_rejected(image):
     "image",
     [
         "debian",
-        "streamspace/desktop:bookworm-2",
+        "streamspace/desktop:bookworm-3",
         "registry.example.com:5000/team/desktop:1.2.3",
         "localhost/desktop",
         "ghcr.io/org/img@sha256:" + "a" * 64,

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand
 from sessions_app.models import Template
 from streamspace.env import env_str
 
-DESKTOP_IMAGE = env_str("DESKTOP_IMAGE", "streamspace/desktop:bookworm-2")
+DESKTOP_IMAGE = env_str("DESKTOP_IMAGE", "streamspace/desktop:bookworm-3")
 
 DEMO_TEMPLATES = [
     {
