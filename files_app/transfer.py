@@ -194,7 +194,12 @@ class Transfer:
             if len(self.buffer) > MAX_HEADER:
                 raise TransferFailed(502, "agent_error", "the agent's answer is too long")
         line, self.buffer = self.buffer.split(b"\n", 1)
-        answer = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:  # an agent older than file transfers opened the VNC stream instead
+            raise TransferFailed(502, "agent_error", "the agent does not know file transfers: upgrade it") from None
+        if not isinstance(answer, dict):
+            raise TransferFailed(502, "agent_error", "the agent does not know file transfers: upgrade it")
         if not answer.get("ok"):
             status = answer.get("status") if answer.get("status") in (400, 404) else 502
             raise TransferFailed(status, str(answer.get("error") or "agent_error"), str(answer.get("detail"))[:500])
