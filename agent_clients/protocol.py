@@ -161,6 +161,50 @@ def _result(v: Any) -> bool:
     return True
 
 
+# --- file transfers (a tunnel_open with a ``file`` request) ---------------------------------
+# list a folder, get (download) a file, put (upload) a file; paths are relative to the
+# session's home. The agent answers with JSON header lines inside the tunnel's bytes
+# (agent_clients/runtime/files.py).
+FILE_OPS = frozenset({"list", "get", "put"})
+MAX_FILE_PATH = 4096
+MAX_FILE_NAME = 255  # bytes of one path component (UTF-8), as Linux allows
+
+
+def file_path_problem(path: Any, *, allow_empty: bool = False) -> str | None:
+    """Why ``path`` (relative to the home, ``/`` between components) may not name a file;
+    None when it may. The one rule, applied by the control plane and again by the agent:
+    no absolute path, no ``.`` or ``..`` component, no empty component, no NUL or control
+    character, components of at most 255 bytes and at most 4096 characters in all."""
+    if not isinstance(path, str):
+        return "the path must be text"
+    if path == "":
+        return None if allow_empty else "the path is empty"
+    if len(path) > MAX_FILE_PATH:
+        return f"the path is longer than {MAX_FILE_PATH} characters"
+    if CONTROL.search(path):
+        return "the path holds a NUL or control character"
+    if UNSTORABLE.search(path):
+        return "the path is not Unicode text"
+    if path.startswith("/"):
+        return "absolute paths are not allowed: give a path relative to the home folder"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return "the path may not hold empty, '.' or '..' components"
+        if len(part.encode("utf-8")) > MAX_FILE_NAME:
+            return f"a path component is longer than {MAX_FILE_NAME} bytes"
+    return None
+
+
+def _file_request(v: Any) -> bool:
+    if not _dict(v) or v.get("op") not in FILE_OPS:
+        raise _Invalid("must be an object with op list, get or put")
+    if problem := file_path_problem(v.get("path"), allow_empty=v.get("op") == "list"):
+        raise _Invalid(problem)
+    if v["op"] == "put" and not _int(v.get("size")):
+        raise _Invalid("a put needs its size in bytes")
+    return True
+
+
 def _session_reports(session_id):
     """The sessions an agent says it holds: objects with a session id (``session_id``
     checks it), a reported state, and optionally a VNC endpoint and a detail text."""
@@ -268,7 +312,13 @@ CONTROL_MESSAGES: dict[str, dict[str, Any]] = {
     "void": {"command_id": _str, "execution": _execution, "reason": lambda v: isinstance(v, str)},
     # ``stream``: what the tunnel carries, the desktop's VNC server (absent or "vnc") or its
     # sound ("audio": an Ogg Opus stream, from templates with sound).
-    "tunnel_open": {"tunnel_id": _tunnel, "session_id": _str, "stream": lambda v: v in (None, *STREAMS)},
+    # ``file`` (optional): the tunnel carries a file transfer, not VNC (see FILE_OPS).
+    "tunnel_open": {
+        "tunnel_id": _tunnel,
+        "session_id": _str,
+        "stream": lambda v: v in (None, *STREAMS),
+        "file": lambda v: v is None or _file_request(v),
+    },
     "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
     "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
     "error": {"reason": lambda v: isinstance(v, str), "ref": _opt_str},

@@ -14,13 +14,15 @@ from django.urls import path, re_path  # noqa: E402
 
 from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from streamspace import body_limit, daphne_close_reason, log_redaction, structured_logs  # noqa: E402
+from files_app import transfer as file_transfer  # noqa: E402
+from streamspace import body_limit, daphne_close_reason, daphne_streaming, log_redaction, structured_logs  # noqa: E402
 from vnc_app.audio import AudioConsumer  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
 
 daphne_close_reason.apply()
 body_limit.apply()
+daphne_streaming.apply()  # after body_limit: file uploads stream (and have their own limit)
 log_redaction.apply_to_daphne_access_log()  # no ?token= value in Daphne's access log
 if settings.LOG_FORMAT == "json":
     structured_logs.daphne_access_log_as_records()
@@ -47,5 +49,8 @@ websocket_routes = URLRouter(
 )
 
 # RequestId outermost: a request refused by BodyLimit has its id too.
-http = structured_logs.RequestId(body_limit.BodyLimit(django_asgi_app))
+# File transfers stream past BodyLimit (files_app: FILE_TRANSFER_MAX_BYTES, checked before a byte is read).
+http = structured_logs.RequestId(
+    file_transfer.route(file_transfer.application(django_asgi_app), body_limit.BodyLimit(django_asgi_app))
+)
 application = ProtocolTypeRouter({"http": http, "websocket": websocket_routes})

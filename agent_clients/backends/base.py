@@ -194,6 +194,14 @@ class Backend(abc.ABC):
         except OSError as exc:
             raise BackendError(f"sound server unreachable: {exc}", retryable=True) from None
 
+    def file_transfer(self, session_id: str, request: dict[str, Any], stream: Any) -> None:
+        """Run one file transfer in the session's home (blocking, in its own thread):
+        ``request`` is {op: list|get|put, path, size?} with a path already checked by
+        ``protocol.file_path_problem``; ``stream`` is an ``agent_clients.runtime.files.FileStream``
+        (header lines and bytes, as that module describes). Refusals raise
+        ``runtime.files.FileError``. Default: not available on this platform."""
+        raise BackendError(f"file transfer is not available on {self.platform or 'this'} agents", retryable=False)
+
     def close(self) -> None:  # noqa: B027 (optional hook, empty by default)
         """Release clients and pools."""
 

@@ -37,6 +37,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
+from agent_clients.backends import docker_files
 from agent_clients.backends import egress as eg
 from agent_clients.backends.base import (
     DEFAULT_MIN_CPU,
@@ -876,6 +877,16 @@ class DockerBackend(Backend):
         if port is None:
             raise BackendError(f"session {session_id} is not running", retryable=True)
         return "127.0.0.1", port
+
+    def file_transfer(self, session_id: str, request: dict[str, Any], stream: Any) -> None:
+        """List, download or upload in the session's home (backends/docker_files.py)."""
+        self._check_id(session_id)
+        container = self._get_container(session_id)
+        if container is None or not self._ours(container.labels, session_id):
+            raise BackendError("the session's desktop is not on this agent", retryable=False)
+        if container.status != "running":
+            raise BackendError("the desktop is not running", retryable=False)
+        docker_files.transfer(self.client, container, request, stream)
 
     def capacity(self) -> dict[str, Any]:
         host = self._host()

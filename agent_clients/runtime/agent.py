@@ -510,7 +510,7 @@ class Agent:
             if self.draining:
                 self._spawn(self._send("tunnel_error", {"tunnel_id": p["tunnel_id"], "error": "agent is draining"}))
             else:
-                tunnels.open(p["tunnel_id"], p["session_id"], p.get("stream") or "vnc")
+                tunnels.open(p["tunnel_id"], p["session_id"], p.get("stream") or "vnc", file=p.get("file"))
         elif message.type == "tunnel_close":
             tunnels.close(p["tunnel_id"], p.get("reason"))
         elif message.type == "tunnel_credit":

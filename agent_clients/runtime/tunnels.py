@@ -36,6 +36,7 @@ from typing import Any
 
 from agent_clients import protocol
 from agent_clients.backends.base import BackendError
+from agent_clients.runtime import files
 from agent_clients.runtime.deadlines import within
 
 log = logging.getLogger("agent_clients.runtime.tunnels")
@@ -56,8 +57,11 @@ OPEN_TIMEOUT = 15.0
 class Tunnel:
     """One VNC stream relayed over the control socket."""
 
-    def __init__(self, manager: TunnelManager, tunnel_id: int, session_id: str, window: int, stream: str = "vnc"):
+    def __init__(
+        self, manager: TunnelManager, tunnel_id: int, session_id: str, window: int, stream: str = "vnc", file=None
+    ):
         self.manager = manager
+        self.file = file  # a file transfer request (runtime/files.py) instead of VNC
         self.id = tunnel_id
         self.session_id = session_id
         self.stream = stream  # protocol.STREAMS: what the TCP end is
@@ -212,21 +216,26 @@ class TunnelManager:
 
     # --- messages from the control plane ----------------------------------------------
 
-    def open(self, tunnel_id: int, session_id: str, stream: str = "vnc") -> None:
-        """Handle ``tunnel_open``: connect in the background, answer ready or error."""
+    def open(self, tunnel_id: int, session_id: str, stream: str = "vnc", file: dict | None = None) -> None:
+        """Handle ``tunnel_open``: connect in the background, answer ready or error. With
+        ``file``, the tunnel carries a file transfer (runtime/files.py), not VNC."""
         if self.closed:
             return
         if tunnel_id in self.tunnels:
             self._spawn(self.send_text("tunnel_error", {"tunnel_id": tunnel_id, "error": "tunnel id already in use"}))
             return
-        tunnel = Tunnel(self, tunnel_id, session_id, self.window, stream)
+        tunnel = Tunnel(self, tunnel_id, session_id, self.window, stream, file=file)
         self.tunnels[tunnel_id] = tunnel
         tunnel.opener = asyncio.create_task(self._open(tunnel), name=f"tunnel-{tunnel_id}-open")
 
     async def _open(self, tunnel: Tunnel) -> None:
         try:
-            opener = self.backend.open_audio_stream if tunnel.stream == "audio" else self.backend.open_vnc_stream
-            reader, writer = await within(OPEN_TIMEOUT, opener(tunnel.session_id))
+            if tunnel.file is not None:
+                stream = files.start(self.backend, tunnel.session_id, tunnel.file, asyncio.get_running_loop())
+                reader, writer = stream, stream
+            else:
+                opener = self.backend.open_audio_stream if tunnel.stream == "audio" else self.backend.open_vnc_stream
+                reader, writer = await within(OPEN_TIMEOUT, opener(tunnel.session_id))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -71,6 +71,10 @@ CLIPBOARD_ARGS="-AcceptCutText=${VNC_CLIPBOARD_TO_DESKTOP:-1} -SendCutText=${VNC
 CLIPBOARD_ARGS="$CLIPBOARD_ARGS -MaxCutText=${VNC_CLIPBOARD_MAX_TO_DESKTOP:-1048576}"
 CLIPBOARD_ARGS="$CLIPBOARD_ARGS -AllowOverride=desktop,AcceptPointerEvents,SendPrimary,SetPrimary"
 # --- end clipboard ---
+# --- files: the folders the viewer's Files panel uses (uploads land in ~/Uploads, the
+# panel offers what is in ~/Downloads). The agent makes them too when they are missing.
+mkdir -p "$HOME/Uploads" "$HOME/Downloads" 2>/dev/null || true
+# --- end files
 
 rm -f /tmp/.X1-lock /tmp/.X11-unix/X1 2>/dev/null || true
 Xvnc :1 -rfbport "$VNC_PORT" -SecurityTypes VncAuth -PasswordFile "$PASSWD_FILE" \

@@ -1,0 +1,19 @@
+from django.contrib import admin
+
+from files_app.models import FileTransfer
+
+
+@admin.register(FileTransfer)
+class FileTransferAdmin(admin.ModelAdmin):
+    list_display = ["started_at", "user", "session", "direction", "path", "bytes", "outcome", "detail"]
+    list_filter = ["direction", "outcome", "started_at"]
+    search_fields = ["session__id", "user__username", "path"]
+    list_select_related = ["session", "user"]
+    readonly_fields = [f.name for f in FileTransfer._meta.fields]
+
+    # An audit trail: written by the transfers, never added or removed by hand.
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class FilesAppConfig(AppConfig):
+    name = "files_app"
+    verbose_name = "File transfers"
