@@ -333,7 +333,7 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         payload = {"tunnel_id": tunnel_id, "session_id": event["session_id"]}
         if event.get("stream", "vnc") != "vnc":
             payload["stream"] = event["stream"]  # absent for VNC: what agents before sound understand
-        if event.get("file"):  # a file transfer (files_app.transfer), not VNC
+        if event.get("file"):  # a file transfer (vnc_app.file_transfer), not VNC
             payload["file"] = event["file"]
         await self.send(text_data=protocol.encode("tunnel_open", payload))
 

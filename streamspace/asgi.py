@@ -14,8 +14,8 @@ from django.urls import path, re_path  # noqa: E402
 
 from agent_clients import protocol  # noqa: E402
 from agents_app.consumers import AgentConsumer  # noqa: E402
-from files_app import transfer as file_transfer  # noqa: E402
 from streamspace import body_limit, daphne_close_reason, daphne_streaming, log_redaction, structured_logs  # noqa: E402
+from vnc_app import file_transfer  # noqa: E402
 from vnc_app.audio import AudioConsumer  # noqa: E402
 from vnc_app.auth import JWTQueryAuthMiddleware  # noqa: E402
 from vnc_app.consumers import VncConsumer  # noqa: E402
@@ -49,7 +49,7 @@ websocket_routes = URLRouter(
 )
 
 # RequestId outermost: a request refused by BodyLimit has its id too.
-# File transfers stream past BodyLimit (files_app: FILE_TRANSFER_MAX_BYTES, checked before a byte is read).
+# File transfers stream past BodyLimit (vnc_app.file_transfer: FILE_TRANSFER_MAX_BYTES, checked before a byte is read).
 http = structured_logs.RequestId(
     file_transfer.route(file_transfer.application(django_asgi_app), body_limit.BodyLimit(django_asgi_app))
 )

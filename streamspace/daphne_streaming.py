@@ -11,7 +11,7 @@ sent before the body is complete closes the connection (the rest is never parsed
 Every HTTP scope also gets the ``streamspace.flow`` extension: ``await writable()``
 returns once the connection's send buffer has drained, so a download is handed to Daphne
 no faster than the client takes it (Twisted would buffer it without bound).
-Harmless where Daphne is not the server: files_app works without either.
+Harmless where Daphne is not the server: vnc_app.file_transfer works without either.
 """
 
 from __future__ import annotations

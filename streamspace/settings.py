@@ -42,7 +42,6 @@ INSTALLED_APPS = [
     "agents_app",
     "sessions_app",
     "vnc_app",
-    "files_app",
     "axes",
 ]
 
@@ -168,7 +167,7 @@ COMMAND_TIMEOUT = env_seconds("COMMAND_TIMEOUT", 300)
 # read (streamspace/body_limit.py). The API's requests are a few KiB; the admin's forms too.
 MAX_REQUEST_BODY = env_int("MAX_REQUEST_BODY", 2 * 1024 * 1024, minimum=1024)
 # The largest file one upload may carry (bytes); a larger one is answered 413 before a byte
-# of it is read (files_app). Uploads stream: this bounds the desktop's disk, not memory.
+# of it is read (vnc_app.file_transfer). Uploads stream: this bounds the desktop's disk, not memory.
 FILE_TRANSFER_MAX_BYTES = env_int("FILE_TRANSFER_MAX_BYTES", 1024 * 1024 * 1024, minimum=1)
 COMMAND_MAX_ATTEMPTS = env_int("COMMAND_MAX_ATTEMPTS", 3, minimum=1)
 # A retryable failure is executed again after base x 2^(n-1) seconds (n: the failed execution), at most cap.

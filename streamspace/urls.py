@@ -4,10 +4,10 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from rest_framework_simplejwt.views import TokenRefreshView
 
 from agents_app import api as agents_api
-from files_app import api as files_api
 from sessions_app import api as sessions_api
 from streamspace import health, metrics
 from streamspace.login_throttle import TokenObtainView
+from vnc_app import file_api as files_api
 
 api_v1 = [
     path("auth/token", TokenObtainView.as_view(), name="token"),
@@ -18,7 +18,7 @@ api_v1 = [
     path("sessions/<str:session_id>/hibernate", sessions_api.SessionHibernateView.as_view(), name="session-hibernate"),
     path("sessions/<str:session_id>/wake", sessions_api.SessionWakeView.as_view(), name="session-wake"),
     path("sessions/<str:session_id>/keepalive", sessions_api.SessionKeepaliveView.as_view(), name="session-keepalive"),
-    # Served by files_app.transfer (streamed); these views make its checks and the schema.
+    # Served by vnc_app.file_transfer (streamed); these views make its checks and the schema.
     path("sessions/<str:session_id>/files", files_api.FileListView.as_view(), name="session-files"),
     path("sessions/<str:session_id>/files/<path:file_path>", files_api.FileView.as_view(), name="session-file"),
     path("agents/register", agents_api.AgentRegisterView.as_view(), name="agent-register"),

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from agent_clients.backends.docker import container_name
-from files_app.models import FileTransfer
 from tests.browser.test_viewer_e2e import VIEWER_CONNECTED, login, wait_row_state
 from tests.live import wait_for
+from vnc_app.models import FileTransfer
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),

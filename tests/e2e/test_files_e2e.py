@@ -17,10 +17,10 @@ import pytest
 import requests
 
 from agent_clients.backends.docker import container_name
-from files_app.models import FileTransfer
 from tests.e2e.conftest import jwt_for
 from tests.e2e.test_docker_e2e import create, wait_state
 from tests.live import ControlPlane, wait_for
+from vnc_app.models import FileTransfer
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.docker]
 

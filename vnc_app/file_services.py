@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 
-from files_app.models import FileTransfer
+from vnc_app.models import FileTransfer
 
 
 def transfer_begin(*, ticket) -> int:

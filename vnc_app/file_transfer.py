@@ -2,7 +2,7 @@
 
 ``route(files, other)`` sends ``/api/v1/sessions/<id>/files...`` here and everything else
 on. A request is first run through Django (middleware, DRF authentication with CSRF, the
-access helper) with its headers only (files_app.api); when the checks pass, this module
+access helper) with its headers only (vnc_app.file_api); when the checks pass, this module
 opens a tunnel to the session's agent exactly like a viewer does (vnc_app.relay: a direct
 call when the agent's socket is in this process, the channel layer otherwise; sequence
 numbers on data events; TUNNEL_WINDOW credits each way) and moves the bytes itself:
@@ -36,9 +36,9 @@ from django.core.handlers.asgi import get_script_prefix
 from django.urls import set_script_prefix
 
 from agent_clients import protocol
-from files_app import services
-from files_app.api import Ticket, TransferAccepted
+from vnc_app import file_services as services
 from vnc_app import relay
+from vnc_app.file_api import Ticket, TransferAccepted
 
 log = logging.getLogger(__name__)
 

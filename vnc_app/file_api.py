@@ -2,7 +2,7 @@
 
 These views decide *whether* a transfer may happen, through the whole stack every API
 view has (authentication by JWT or login cookie with CSRF, the one access helper, the
-error body): they are called by files_app.transfer with the request's headers only,
+error body): they are called by vnc_app.file_transfer with the request's headers only,
 never its body. When everything passes they answer :class:`TransferAccepted`, which
 carries the ticket and is never sent to anyone: the transfer module then streams the
 bytes between the client and the agent itself.
@@ -57,7 +57,7 @@ class Ticket:
 
 
 class TransferAccepted(HttpResponse):
-    """The checks passed (internal: files_app.transfer takes over, nothing is sent)."""
+    """The checks passed (internal: vnc_app.file_transfer takes over, nothing is sent)."""
 
     def __init__(self, ticket: Ticket):
         super().__init__(status=200)
