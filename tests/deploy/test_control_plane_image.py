@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from tests.deploy.images import PREFIX, ensure_image, process_uids, wait_health
+from tests.deploy.images import BUILD_TIMEOUT, PREFIX, ensure_image, process_uids, wait_health
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(BUILD_TIMEOUT)]
 
 HEADERS = {"Host": "localhost", "X-Forwarded-Proto": "https"}  # as a TLS proxy in front sends
 
