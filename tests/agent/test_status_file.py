@@ -1,6 +1,6 @@
 """The agent's STATUS_FILE (what the docker-agent image's health check reads): a real agent
 process writes "connecting" until the control plane serves it, "connected" once its hello
-is out, and "stopped" after a SIGTERM drain."""
+is out, and "stopped" after a SIGTERM drain; an HA replica that does not lead, "standby"."""
 
 from __future__ import annotations
 
@@ -43,3 +43,22 @@ def test_a_real_agent_writes_its_connection_state_to_the_status_file(control_pla
         assert state(status) == "stopped\n"
     finally:
         proc.kill()
+
+
+def test_a_replica_waiting_for_leadership_says_standby(control_plane, tmp_path):
+    _, token, _ = agent_register(agent_id="status-ha-agent", platform="docker", region="test")
+    ha = dict(backend="tests.support.file_backend:FileBackend", FILE_BACKEND_DIR=str(tmp_path / "state"),
+              HA_BACKEND="file", HA_LOCK_PATH=str(tmp_path / "leader.lock"))  # fmt: skip
+    leader_status, standby_status = tmp_path / "leader-status", tmp_path / "standby-status"
+    leader = agent_process(control_plane, "status-ha-agent", token, STATUS_FILE=str(leader_status), **ha).start()
+    standby = None
+    try:
+        wait_for(lambda: state(leader_status) == "connected\n", 15, what=f"the leader connected\n{leader.output()}")
+        standby = agent_process(control_plane, "status-ha-agent", token, name="agent-status-ha-2",
+                                STATUS_FILE=str(standby_status), **ha).start()  # fmt: skip
+        wait_for(lambda: state(standby_status) == "standby\n", 15, what=f"standby\n{standby.output()}")
+        assert state(leader_status) == "connected\n"
+    finally:
+        leader.kill()
+        if standby is not None:
+            standby.kill()
