@@ -65,6 +65,7 @@ class AgentConfig:
     log_format: str = "text"  # or "json": one object per line (agent_clients/runtime/logfmt.py)
     metrics_port: int = 0  # serve Prometheus metrics on this port (0: off)
     metrics_bind: str = "127.0.0.1"  # the address the metrics port listens on
+    status_file: str = ""  # write the agent's state here (agent_clients/runtime/status.py); "" = off
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     @property
@@ -195,6 +196,7 @@ _SETTINGS = {
     "log_format": ("LOG_FORMAT", _log_format),
     "metrics_port": ("METRICS_PORT", _port),
     "metrics_bind": ("METRICS_BIND", _ip_address),
+    "status_file": ("STATUS_FILE", None),
 }
 
 

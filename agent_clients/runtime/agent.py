@@ -51,6 +51,7 @@ from agent_clients.leadership.base import Leadership
 from agent_clients.runtime import logfmt
 from agent_clients.runtime.deadlines import within
 from agent_clients.runtime.metrics import AgentMetrics
+from agent_clients.runtime.status import StatusFile
 from agent_clients.runtime.tunnels import TunnelManager
 
 log = logging.getLogger("agent_clients.runtime.agent")
@@ -153,6 +154,7 @@ class Agent:
         self.metrics = AgentMetrics()
         self.metrics.tunnels_open.set_function(lambda: len(self.tunnels) if self.tunnels is not None else 0)
         self.metrics.connected.set_function(lambda: 1 if self._ws is not None else 0)
+        self.status = StatusFile(cfg.status_file)  # STATUS_FILE, for a container's health check
         self.connections = 0
         self.connect_attempts = 0
         self.reconnect_delays: list[float] = []
@@ -202,6 +204,7 @@ class Agent:
             if not self.superseded:
                 await self._drain(connection_loop)
         finally:
+            self.status.set("stopped")
             if self.superseded:
                 for task in list(self._inflight.values()):
                     task.cancel()  # their answers would be refused; the current process redoes them
@@ -232,6 +235,7 @@ class Agent:
 
     async def _drain(self, connection_loop: asyncio.Task) -> None:
         self.draining = True
+        self.status.set("draining")
         with contextlib.suppress(Exception):
             await self._send_heartbeat(fresh=False)
         inflight = [t for t in self._inflight.values() if not t.done()]
@@ -262,8 +266,10 @@ class Agent:
             started = time.monotonic()
             established = False
             try:
+                self.status.set("connecting" if self.leadership.is_leader else "standby")
                 if not await self._until_stopped(self.leadership.acquire()):
                     return
+                self.status.set("connecting")
                 started = time.monotonic()
                 established = await self._serve_once()
             except asyncio.CancelledError:
@@ -376,6 +382,7 @@ class Agent:
                 self.tunnels = tunnels
             self.connections += 1
             self._connected.set()
+            self.status.set("connected")
             self._event_ready.set()
             log.info("hello sent (%d sessions)", len(self._sessions))
             if self._unsent:
@@ -410,6 +417,8 @@ class Agent:
             self._ws = None
             self.tunnels = None
             self._connected.clear()
+            if not self.draining:
+                self.status.set("connecting")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,52 @@
+"""The platform's container images for tests: built by the project's own pipeline
+(scripts/build_images.sh: cached by a hash of the inputs, so this is a no-op when the
+image of this checkout exists; its progress shows on the terminal while it builds), and
+containers of them started and timed."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "build_images.sh"
+PREFIX = "ssimg-test-"  # every container these tests start is named so
+
+
+def image_ref(name: str) -> str:
+    done = subprocess.run(["bash", str(SCRIPT), "--tag", name], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def ensure_image(name: str, pytestconfig) -> str:
+    """``streamspace/<name>:<hash>``, built first when missing (the build prints its steps
+    live, outside pytest's capture: a cold build takes a minute or more)."""
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        done = subprocess.run(["bash", str(SCRIPT), name], timeout=1200)
+    if done.returncode != 0:
+        pytest.fail(f"scripts/build_images.sh {name} failed (exit {done.returncode})")
+    return image_ref(name)
+
+
+def wait_health(container, timeout: float) -> str:
+    """Docker's own health state of ``container`` once it is no longer "starting"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        container.reload()
+        state = container.attrs["State"]
+        health = state.get("Health", {}).get("Status", "none")
+        if health != "starting" or not state["Running"] or time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
+def process_uids(container) -> set[str]:
+    """The real uids of the container's processes, as the host's kernel sees them."""
+    top = container.top(ps_args="-o pid,uid,comm")
+    column = top["Titles"].index("UID")
+    return {row[column] for row in top["Processes"]}
