@@ -130,6 +130,25 @@ def test_agent_token_from_env_refuses_a_weak_or_missing_token_and_creates_nothin
     assert not Agent.objects.exists()
 
 
+def test_deploy_setup_makes_a_fresh_install_usable_and_changes_nothing_the_second_time(monkeypatch, django_user_model):
+    """Docker Compose's setup service runs it on every start."""
+    secret = "d3pl0y-" + "y" * 40
+    monkeypatch.setenv("ADMIN_PASSWORD", "a-strong-admin-password")
+    monkeypatch.setenv("COMPOSE_AGENT_TOKEN", secret)
+    args = ("deploy_setup", "--agent-id", "docker-5", "--agent-token-env", "COMPOSE_AGENT_TOKEN")
+    first = run(*args)
+    assert "created admin user 'admin'" in first and "created agent docker-5" in first and secret not in first
+    assert django_user_model.objects.get(username="admin").check_password("a-strong-admin-password")
+    assert agent_authenticate(agent_id="docker-5", raw_token=secret) is not None
+    templates = set(Template.objects.values_list("slug", flat=True))
+    assert templates
+
+    second = run(*args)
+    assert "kept the token of docker-5" in second and "exists" in second
+    assert set(Template.objects.values_list("slug", flat=True)) == templates
+    assert Agent.objects.count() == 1 and django_user_model.objects.count() == 1
+
+
 def test_agent_token_refuses_an_unknown_agent_without_a_platform():
     with pytest.raises(CommandError, match="pass --platform"):
         call_command("agent_token", "nobody")
