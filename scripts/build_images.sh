@@ -156,6 +156,17 @@ ensure_base() {
     flock -u 9
 }
 
+# Builds of older inputs: keep the newest $KEEP tags of a repository (other checkouts may
+# use them), remove the rest unless a container uses them.
+KEEP=3
+prune() {
+    local old
+    docker image ls "$1" --format '{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}' | grep -v ':latest$' | sort -r \
+        | tail -n +$((KEEP + 1)) | cut -f2 | while IFS= read -r old; do
+        if docker image rm "$old" >/dev/null 2>&1; then step "    removed the older build $old"; fi
+    done
+}
+
 in_root() { chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
 
@@ -186,6 +197,7 @@ build_one() {
             --disable-pip-version-check --no-warn-script-location --progress-bar off \
             --cert /tmp/build-ca.crt -r /tmp/requirements.txt
         rm -f "$ROOTFS/tmp/requirements.txt" "$ROOTFS/tmp/build-ca.crt"
+        in_root /opt/streamspace/bin/python -m pip uninstall -y -q pip # nothing installs at run time
     fi
 
     in_root groupadd -g "$UID_GID" streamspace
@@ -216,6 +228,7 @@ build_one() {
         --message "streamspace $name (debootstrap $SUITE minbase)" - "$ref" >/dev/null
     docker tag "$ref" "$IMAGE:latest"
     rm -rf --one-file-system "$ROOTFS"
+    prune "$IMAGE"
     SECONDS_OF[$name]=$(($(date +%s) - t0))
 }
 

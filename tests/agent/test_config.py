@@ -44,6 +44,7 @@ SAMPLES = {
     "log_format": ("JSON", "json"),
     "metrics_port": ("9464", 9464),
     "metrics_bind": ("0.0.0.0", "0.0.0.0"),
+    "status_file": ("/run/streamspace/agent-status", "/run/streamspace/agent-status"),
 }
 
 

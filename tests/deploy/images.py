@@ -14,6 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_images.sh"
 PREFIX = "ssimg-test-"  # every container these tests start is named so
+# A test's timeout covers its fixtures, and a cold build of an image (the shared base and
+# its packages, on 2 busy cores) can take minutes; the build itself is bounded below.
+BUILD_TIMEOUT = 1500
 
 
 def image_ref(name: str) -> str:
@@ -27,7 +30,7 @@ def ensure_image(name: str, pytestconfig) -> str:
     live, outside pytest's capture: a cold build takes a minute or more)."""
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        done = subprocess.run(["bash", str(SCRIPT), name], timeout=1200)
+        done = subprocess.run(["bash", str(SCRIPT), name], timeout=BUILD_TIMEOUT - 300)
     if done.returncode != 0:
         pytest.fail(f"scripts/build_images.sh {name} failed (exit {done.returncode})")
     return image_ref(name)
