@@ -90,8 +90,10 @@ class Stack:
         )
 
     def logs(self) -> str:
-        done = self.compose("logs", "--no-color", "--tail", "60", timeout=60)
-        return done.stdout[-12000:]
+        """What each service said last, and their states: for a failure's message."""
+        ps = self.compose("ps", timeout=60).stdout
+        logs = self.compose("logs", "--no-color", "--tail", "40", timeout=60).stdout
+        return f"{ps}\n{logs[-15000:]}"
 
     def api(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
@@ -157,7 +159,7 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
     try:
         # --- up: every service in its order, the one-shot setup finished ----------------
         up = stack.compose("up", "-d", timeout=240)
-        assert up.returncode == 0, f"docker-compose up failed:\n{up.stderr[-4000:]}\n{stack.logs()}"
+        assert up.returncode == 0, f"docker-compose up failed:\n{up.stderr[-4000:]}"
         up_done = time.monotonic()
         containers = {
             c.labels["com.docker.compose.service"]: c
@@ -184,7 +186,7 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
             status, body = stack.api("GET", f"/agents/{stack.agent_id}", token=jwt)
             return status == 200 and body["status"] == "online"
 
-        wait_for(agent_online, 60, 0.25, what=f"agent {stack.agent_id} online\n{stack.logs()}")
+        wait_for(agent_online, 60, 0.25, what=f"agent {stack.agent_id} online")
         agent_online_at = time.monotonic()
 
         # --- a session on the containerised agent ---------------------------------------
@@ -198,12 +200,12 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
             def check():
                 status, body = stack.api("GET", f"/sessions/{session_id}", token=jwt)
                 assert status == 200, body
-                assert body["state"] != "failed", f"session failed: {body['error_message']}\n{stack.logs()}"
+                assert body["state"] != "failed", f"session failed: {body['error_message']}"
                 return body if body["state"] == state else None
 
             return check
 
-        running = wait_for(session_in("running"), 60, 0.25, what=f"session running\n{stack.logs()}")
+        running = wait_for(session_in("running"), 60, 0.25, what="session running")
         assert running["agent_id"] == stack.agent_id
         container = docker_client.containers.get(container_name(session_id))
         assert container.labels["streamspace.agent"] == stack.agent_id
@@ -224,7 +226,7 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
         # --- terminate: the session's container, network, volume and rules go -----------
         status, body = stack.api("DELETE", f"/sessions/{session_id}", token=jwt)
         assert status == 202, body
-        wait_for(session_in("terminated"), 60, 0.25, what=f"session terminated\n{stack.logs()}")
+        wait_for(session_in("terminated"), 60, 0.25, what="session terminated")
         assert session_objects(docker_client, session_id) == []
         assert egress_chains(stack.agent_id, session_id) == []
 
@@ -239,6 +241,9 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
             f"agent online +{agent_online_at - up_done:.1f}s, session and banner +{banner_at - agent_online_at:.1f}s, "
             f"down -v {down_done - down_started:.1f}s, total {down_done - started:.1f}s"
         )
+    except Exception:
+        print(f"--- the stack when it failed\n{stack.logs()}")  # shown with the failure
+        raise
     finally:
         stack.compose("down", "-v", "-t", "5", timeout=120)
         if session_id:
