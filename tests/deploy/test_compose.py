@@ -25,7 +25,7 @@ import pytest
 from websockets.sync.client import connect
 
 from agent_clients.backends.docker import container_name, network_name, volume_name
-from agent_clients.backends.egress import Chains
+from agent_clients.backends.egress import Chains, IptablesEgress
 from tests.deploy.images import ensure_image
 from tests.docker.conftest import RUN_ID
 from tests.live import wait_for
@@ -172,8 +172,8 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
         # the control plane is published on the host's 127.0.0.1 only
         bindings = containers["control-plane"].attrs["NetworkSettings"]["Ports"]["8000/tcp"]
         assert [(b["HostIp"], b["HostPort"]) for b in bindings] == [("127.0.0.1", str(stack.port))]
-        # nothing but the agent runs as root
-        for name in ("postgres", "redis", "control-plane", "worker", "beat"):
+        # nothing runs as root, the agent included (iptables has file capabilities)
+        for name in ("postgres", "redis", "control-plane", "worker", "beat", "docker-agent"):
             uid = containers[name].exec_run(["id", "-u"]).output.strip()
             assert uid != b"0", f"{name} runs as root"
 
@@ -246,7 +246,8 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
         raise
     finally:
         stack.compose("down", "-v", "-t", "5", timeout=120)
-        if session_id:
+        if session_id:  # what a failed run left of the session (none when it passed)
             for obj in session_objects(docker_client, session_id):
                 kind, name = obj.split(" ", 1)
                 getattr(docker_client, f"{kind}s").get(name).remove(**({"force": True} if kind != "network" else {}))
+            IptablesEgress().remove(Chains.of(stack.agent_id, session_id))
