@@ -186,7 +186,12 @@ build_one() {
 
     if [ ${#PACKAGES[@]} != 0 ]; then
         step "$name: apt-get install ${PACKAGES[*]}"
+        exec 8>"$CACHE/apt-archives.lock" # builds running at once share the .deb cache: one apt at a time
+        flock 8
+        # The base's package lists may be older than the mirror (a point release drops old .debs).
+        logged apt-update '^(Get|Hit):' in_root apt-get update
         logged apt '^(Get:|Unpacking|Setting up) ' in_root apt-get install -y --no-install-recommends "${PACKAGES[@]}"
+        flock -u 8
     fi
     if [ -n "$REQUIREMENTS" ]; then
         step "$name: virtualenv /opt/streamspace + pip install -r $REQUIREMENTS (PyPI)"
