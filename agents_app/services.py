@@ -55,6 +55,25 @@ def agent_issue_token(*, agent: Agent) -> str:
     return raw
 
 
+TOKEN_MIN_LENGTH = 32
+
+
+def agent_set_token(*, agent: Agent, raw: str) -> bool:
+    """Make ``raw`` the agent's token (a deployment that keeps its secrets in its own store,
+    e.g. Docker Compose's env file). Returns False when it already was: nothing written."""
+    if len(raw) < TOKEN_MIN_LENGTH or not raw.isascii() or not raw.isprintable() or " " in raw:
+        raise InvalidInput(
+            f"an agent token must be at least {TOKEN_MIN_LENGTH} printable ASCII characters without spaces"
+            " (e.g. openssl rand -hex 32)",
+            field="token",
+        )
+    if token_matches(agent, raw):
+        return False
+    Agent.objects.filter(pk=agent.pk).update(token_hash=hash_token(raw), updated_at=timezone.now())
+    agent.token_hash = hash_token(raw)
+    return True
+
+
 def _validate_registration(agent_id, platform, region, capacity, metadata) -> None:
     if not isinstance(agent_id, str) or not agent_id.strip() or len(agent_id) > AGENT_ID_MAX:
         raise InvalidInput("agent_id must be a non-empty string of at most 255 characters", field="agent_id")

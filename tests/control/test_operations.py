@@ -99,6 +99,56 @@ def test_agent_token_creates_then_rotates():
     assert token not in Agent.objects.get(pk=agent.pk).token_hash
 
 
+def test_agent_token_from_env_sets_the_deployment_s_token_and_keeps_it(monkeypatch):
+    """Docker Compose keeps the agent's token in its env file: the setup step on every
+    start makes it the agent's token, creating the agent the first time, and never prints it."""
+    secret = "c0mp0se-" + "x" * 40
+    monkeypatch.setenv("COMPOSE_AGENT_TOKEN", secret)
+    out = run("agent_token", "docker-7", "--platform", "docker", "--from-env", "COMPOSE_AGENT_TOKEN")
+    assert "created agent docker-7" in out and secret not in out
+    agent = Agent.objects.get(agent_id="docker-7")
+    assert agent_authenticate(agent_id="docker-7", raw_token=secret) == agent
+    stamp = agent.updated_at
+    assert "kept the token of docker-7" in run(
+        "agent_token", "docker-7", "--platform", "docker", "--from-env", "COMPOSE_AGENT_TOKEN"
+    )
+    assert Agent.objects.get(pk=agent.pk).updated_at == stamp  # nothing written
+
+    monkeypatch.setenv("COMPOSE_AGENT_TOKEN", secret + "-rotated")
+    assert "set the token of docker-7" in run("agent_token", "docker-7", "--from-env", "COMPOSE_AGENT_TOKEN")
+    assert agent_authenticate(agent_id="docker-7", raw_token=secret) is None
+    assert agent_authenticate(agent_id="docker-7", raw_token=secret + "-rotated") == agent
+
+
+def test_agent_token_from_env_refuses_a_weak_or_missing_token_and_creates_nothing(monkeypatch):
+    monkeypatch.setenv("COMPOSE_AGENT_TOKEN", "short")
+    with pytest.raises(CommandError, match="at least 32"):
+        call_command("agent_token", "docker-8", "--platform", "docker", "--from-env", "COMPOSE_AGENT_TOKEN")
+    monkeypatch.delenv("COMPOSE_AGENT_TOKEN")
+    with pytest.raises(CommandError, match="COMPOSE_AGENT_TOKEN_FILE is set"):
+        call_command("agent_token", "docker-8", "--platform", "docker", "--from-env", "COMPOSE_AGENT_TOKEN")
+    assert not Agent.objects.exists()
+
+
+def test_deploy_setup_makes_a_fresh_install_usable_and_changes_nothing_the_second_time(monkeypatch, django_user_model):
+    """Docker Compose's setup service runs it on every start."""
+    secret = "d3pl0y-" + "y" * 40
+    monkeypatch.setenv("ADMIN_PASSWORD", "a-strong-admin-password")
+    monkeypatch.setenv("COMPOSE_AGENT_TOKEN", secret)
+    args = ("deploy_setup", "--agent-id", "docker-5", "--agent-token-env", "COMPOSE_AGENT_TOKEN")
+    first = run(*args)
+    assert "created admin user 'admin'" in first and "created agent docker-5" in first and secret not in first
+    assert django_user_model.objects.get(username="admin").check_password("a-strong-admin-password")
+    assert agent_authenticate(agent_id="docker-5", raw_token=secret) is not None
+    templates = set(Template.objects.values_list("slug", flat=True))
+    assert templates
+
+    second = run(*args)
+    assert "kept the token of docker-5" in second and "exists" in second
+    assert set(Template.objects.values_list("slug", flat=True)) == templates
+    assert Agent.objects.count() == 1 and django_user_model.objects.count() == 1
+
+
 def test_agent_token_refuses_an_unknown_agent_without_a_platform():
     with pytest.raises(CommandError, match="pass --platform"):
         call_command("agent_token", "nobody")
