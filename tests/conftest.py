@@ -212,6 +212,13 @@ def _leaked_managed_objects() -> list[str] | None:
     return leaked
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The Swarm tests run last: leaving the swarm at their end removes ``docker_gwbridge``,
+    which cuts the containers then running on the engine off their bridge networks (seen
+    with a Compose stack up at that moment), so nothing else may be running by then."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_swarm_leadership.py"))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """After the whole suite: no container, network or volume of this run's agents may be
     left on the engine. A leak fails the run, is printed, and is removed."""
