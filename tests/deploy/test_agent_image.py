@@ -34,7 +34,7 @@ pytestmark = [
 ]
 
 START_BUDGET = 2.0  # seconds from `docker run` to an agent the control plane serves
-STARTS = 3
+STARTS = 5
 SOCKET = "/var/run/docker.sock"
 
 
@@ -130,7 +130,7 @@ def test_a_session_runs_through_the_agent_image_end_to_end(
 
 def test_the_agent_image_runs_unprivileged_starts_fast_and_turns_healthy(agent_container):
     """The start is timed from `docker run` to the agent online in the control plane, the
-    best of 3 starts: other work on the machine's cores only ever adds to a start (one of
+    best of 5 starts: other work on the machine's cores only ever adds to a start (one of
     about a dozen took 3.2 s beside other test runs at load average 7, against 0.4 to 1.4 s)."""
     times = []
     for _ in range(STARTS):

@@ -27,6 +27,7 @@ from websockets.sync.client import connect
 from agent_clients.backends.docker import container_name, network_name, volume_name
 from agent_clients.backends.egress import Chains, IptablesEgress
 from tests.deploy.images import ensure_image
+from tests.docker.conftest import IMAGE as DESKTOP_IMAGE
 from tests.docker.conftest import RUN_ID
 from tests.live import wait_for
 
@@ -63,6 +64,7 @@ class Stack:
                     f"DOCKER_AGENT_IMAGE={refs['docker-agent']}",
                     f"POSTGRES_IMAGE={refs['postgres']}",
                     f"REDIS_IMAGE={refs['redis']}",
+                    f"DESKTOP_IMAGE={DESKTOP_IMAGE}",
                     f"SECRET_KEY={secrets.token_hex(32)}",
                     f"POSTGRES_PASSWORD={secrets.token_hex(32)}",
                     f"ADMIN_PASSWORD={self.admin_password}",
