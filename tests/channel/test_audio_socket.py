@@ -3,7 +3,9 @@ as the desktop's: no login refused, another user's session "no such session" (by
 by login cookie), a cookie from another site refused; a template without sound refused
 with its own reason before any tunnel; the tunnel asks the agent for the "audio" stream,
 the Ogg bytes reach the browser (across two Daphne processes) and what the browser sends
-never reaches the desktop; the audit row says "audio".
+never reaches the desktop; the audit row says "audio". What cannot work by trying again
+(the agent says so, or it relays something other than Ogg) closes with 4403, which the page
+does not retry; sound is offered by the session (made with sound), not the template now.
 
 The agent is the wire-level fake of tests/channel/wire.py (the real agent and desktop are
 tests/browser/test_viewer_sound.py)."""
@@ -101,4 +103,46 @@ def test_an_agent_that_relays_vnc_instead_of_sound_is_cut_off(control_plane, ali
     tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
     agent.send("tunnel_ready", {"tunnel_id": tunnel})
     agent.send_raw(protocol.pack_data(tunnel, b"RFB 003.008\n"))
-    assert closed_with(ws) == (protocol.CLOSE_UNAVAILABLE, NOT_SOUND)
+    assert closed_with(ws) == (protocol.CLOSE_FORBIDDEN, NOT_SOUND)  # final: the page does not retry
+
+
+def test_the_first_bytes_may_arrive_a_few_at_a_time(control_plane, alice, sound_desktop):
+    """TCP may hand the agent "Og" then "gS...": the check waits for four bytes."""
+    agent = online_agent(control_plane)
+    session = running_session(alice, sound_desktop)
+    ws = audio(control_plane, session.pk, jwt(alice))
+    tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
+    agent.send("tunnel_ready", {"tunnel_id": tunnel})
+    for chunk in (OGG_PAGE[:1], OGG_PAGE[1:3], OGG_PAGE[3:]):
+        agent.send_raw(protocol.pack_data(tunnel, chunk))
+    assert ws.recv(timeout=5) == OGG_PAGE  # the held bytes and the rest, in order
+    agent.send_raw(protocol.pack_data(tunnel, b"Og"))  # later bytes are not checked
+    assert ws.recv(timeout=5) == b"Og"
+    ws.close()
+
+
+@pytest.mark.parametrize(
+    ("retryable", "code"),
+    [(False, protocol.CLOSE_FORBIDDEN), (True, protocol.CLOSE_GOING_AWAY), (None, protocol.CLOSE_GOING_AWAY)],
+    ids=["final", "retryable", "agent-older-than-the-field"],
+)
+def test_an_error_the_agent_calls_final_closes_with_a_code_the_page_does_not_retry(
+    control_plane, alice, sound_desktop, retryable, code
+):
+    agent = online_agent(control_plane)
+    session = running_session(alice, sound_desktop)
+    ws = audio(control_plane, session.pk, jwt(alice))
+    tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
+    error = {"tunnel_id": tunnel, "error": "this platform does not carry sound"}
+    agent.send("tunnel_error", error if retryable is None else {**error, "retryable": retryable})
+    assert closed_with(ws) == (code, "the agent could not reach the desktop: this platform does not carry sound")
+
+
+def test_sound_switched_on_after_the_session_was_made_is_not_offered(control_plane, alice, silent_desktop):
+    """The desktop was made without a sound server: the template's value now changes nothing."""
+    agent = online_agent(control_plane)
+    session = running_session(alice, silent_desktop)
+    silent_desktop.sound = True
+    silent_desktop.save()
+    assert closed_with(audio(control_plane, session.pk, jwt(alice))) == (protocol.CLOSE_FORBIDDEN, NO_SOUND)
+    assert agent.nothing_within(0.5, "tunnel_open")
