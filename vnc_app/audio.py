@@ -14,6 +14,9 @@ with the same credits and sequence numbers. What differs:
 * the stream must start as Ogg does ("OggS", however the first bytes are split): an agent
   from before sound ignores the tunnel's ``stream`` and would relay the VNC server instead,
   which closes the socket with a reason rather than reaching the decoder;
+* a browser that stops reading is cut off (4503, retried) once 256 KiB wait in Daphne for
+  it (``streamspace.buffered``, streamspace/daphne_streaming.py), instead of the agent
+  being credited for sound that then arrives late;
 * what cannot work by trying again closes with 4403, which the page does not retry
   (static/js/viewer-audio.js): no sound on the agent's platform or in the desktop (the
   agent's ``tunnel_error`` says ``retryable: false``), or an agent older than sound.
@@ -25,6 +28,10 @@ from agent_clients import protocol
 from vnc_app.consumers import VncConsumer
 
 OGG_MAGIC = b"OggS"
+# Sound waiting in Daphne for a browser that stopped reading is latency (~20 s of it at
+# 96 kbit/s): past this the socket is closed with a reason, and the page reconnects.
+MAX_BUFFERED = 256 * 1024
+TOO_SLOW = "the browser takes the sound too slowly (256 KiB waiting): reconnect"
 NO_SOUND = "this session's template has no sound"
 NOT_SOUND = "the agent sent something other than sound (an agent older than sound support?)"
 
@@ -54,3 +61,6 @@ class AudioConsumer(VncConsumer):
                 return
             data, self._head, self._checked = head, b"", True
         await super()._to_browser(data)
+        buffered = (self.scope.get("extensions") or {}).get("streamspace.buffered")  # streamspace/daphne_streaming.py
+        if buffered is not None and buffered() > MAX_BUFFERED:
+            await self._finish(protocol.CLOSE_UNAVAILABLE, TOO_SLOW)

@@ -221,7 +221,7 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         await database_sync_to_async(services.vnc_connection_tunnel_ready)(connection_pk=self.connection_pk)
 
     async def tunnel_data(self, event):
-        if self.tunnel_id is None:
+        if self.tunnel_id is None or self.close_reason:  # closed by us: sending would raise
             return
         try:
             self.seq.check(event["seq"])

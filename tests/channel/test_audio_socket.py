@@ -5,10 +5,16 @@ with its own reason before any tunnel; the tunnel asks the agent for the "audio"
 the Ogg bytes reach the browser (across two Daphne processes) and what the browser sends
 never reaches the desktop; the audit row says "audio". What cannot work by trying again
 (the agent says so, or it relays something other than Ogg) closes with 4403, which the page
-does not retry; sound is offered by the session (made with sound), not the template now.
+does not retry; sound is offered by the session (made with sound), not the template now;
+a browser that stops reading is cut off past 256 KiB waiting in Daphne.
 
 The agent is the wire-level fake of tests/channel/wire.py (the real agent and desktop are
 tests/browser/test_viewer_sound.py)."""
+
+import base64
+import os
+import socket
+from urllib.parse import urlsplit
 
 import pytest
 from websockets.sync.client import connect
@@ -18,7 +24,7 @@ from tests.channel.test_agent_socket import jwt, online_agent
 from tests.channel.test_viewer_socket_auth import login_cookie
 from tests.channel.test_vnc_relay import closed_with, running_session
 from tests.live import wait_for
-from vnc_app.audio import NO_SOUND, NOT_SOUND
+from vnc_app.audio import NO_SOUND, NOT_SOUND, TOO_SLOW
 from vnc_app.models import VNCConnection
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -146,3 +152,36 @@ def test_sound_switched_on_after_the_session_was_made_is_not_offered(control_pla
     silent_desktop.save()
     assert closed_with(audio(control_plane, session.pk, jwt(alice))) == (protocol.CLOSE_FORBIDDEN, NO_SOUND)
     assert agent.nothing_within(0.5, "tunnel_open")
+
+
+def test_a_browser_that_stops_reading_is_cut_off_instead_of_piling_up_latency(control_plane, alice, sound_desktop):
+    """The browser is a raw socket that completes the WebSocket handshake, then never reads
+    (a 4 KiB receive buffer). Daphne would hold what the agent sends without bound and the
+    agent would be credited for it; past 256 KiB waiting the socket is closed with a reason."""
+    agent = online_agent(control_plane)
+    session = running_session(alice, sound_desktop)
+    address = urlsplit(control_plane.ws_url)
+    browser = socket.socket()
+    browser.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    browser.connect((address.hostname, address.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    browser.sendall(
+        f"GET /api/v1/audio/{session.pk}?token={jwt(alice)} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: binary\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += browser.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
+    agent.send("tunnel_ready", {"tunnel_id": tunnel})
+    chunk = OGG_PAGE + bytes(64 * 1024 - len(OGG_PAGE))
+    for _ in range(48):  # 3 MiB: under the 4 MiB window, so the agent may send it all at once
+        agent.send_raw(protocol.pack_data(tunnel, chunk))
+    released = agent.expect("tunnel_close", timeout=10)["payload"]
+    assert (released["tunnel_id"], released["reason"]) == (tunnel, TOO_SLOW)
+    wait_for(lambda: VNCConnection.objects.filter(closed_at__isnull=False).exists(), 5, what="audit row closed")
+    row = VNCConnection.objects.get()
+    assert row.close_reason == TOO_SLOW and row.bytes_to_client < 48 * len(chunk), row.bytes_to_client
+    browser.close()
