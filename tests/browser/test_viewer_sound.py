@@ -111,6 +111,15 @@ def probe(page) -> dict:
     return page.evaluate("({...window.__probe})")
 
 
+def page_errors(context) -> list[str]:
+    """The pages' errors, but for noVNC's modules failing to load when Chromium, on the
+    Docker host, saw Docker add or remove an interface (ERR_NETWORK_CHANGED): the viewer
+    reloads itself then (static/js/viewer.js, moduleFailed), its own recovery."""
+    network_changed = any("ERR_NETWORK_CHANGED" in p for p in context.problems)
+    return [p for p in context.problems if p.startswith("page error")
+            and not (network_changed and "Failed to fetch dynamically imported module" in p)]  # fmt: skip
+
+
 def player(page) -> dict:
     """The page's player: state, packets, drops, underruns, close code and reason."""
     return page.evaluate("({...window.streamspaceAudio, context: null, analyser: null})")
@@ -236,4 +245,4 @@ def test_the_desktops_sound_plays_in_the_page_with_low_latency_and_mutes(
     refused = other.evaluate(OPEN_AUDIO_SOCKET, f"{control_plane_b.ws_url}/api/v1/audio/{silent.pk}")
     assert refused == {"code": 4403, "reason": "this session's template has no sound"}, refused
     assert not context.violations, context.violations
-    assert not [p for p in context.problems if p.startswith("page error")], context.problems
+    assert not page_errors(context), context.problems
