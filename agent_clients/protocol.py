@@ -45,6 +45,10 @@ TUNNEL_WINDOW = 4 * 1024 * 1024
 # holding more sends several queries.
 MAX_SESSIONS_QUERY = 500
 
+# The desktop image's sound stream port inside the container (images/desktop: SOUND_PORT),
+# so a template's vnc_port must differ from it (sessions_app.models.Template.clean).
+SOUND_PORT = 5711
+
 # WebSocket close codes (4000-4999 are for applications).
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
@@ -91,6 +95,10 @@ def valid_id(v: Any) -> bool:
 
 
 _str = valid_id
+
+
+def _opt_bool(v: Any) -> bool:
+    return v is None or isinstance(v, bool)
 
 
 def _opt_str(v: Any) -> bool:
@@ -286,7 +294,9 @@ def _agent_messages(session_id) -> dict[str, dict[str, Any]]:
             "reason": _opt_str,
         },
         "tunnel_ready": {"tunnel_id": _tunnel},
-        "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str)},
+        # retryable: False when trying again cannot help (no sound on this platform); agents
+        # older than the field leave it out, which counts as retryable.
+        "tunnel_error": {"tunnel_id": _tunnel, "error": lambda v: isinstance(v, str), "retryable": _opt_bool},
         "tunnel_close": {"tunnel_id": _tunnel, "reason": _opt_str},
         "tunnel_credit": {"tunnel_id": _tunnel, "bytes": _int},
         # The garbage collector names the sessions it found objects of on the platform; the

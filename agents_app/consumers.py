@@ -296,7 +296,9 @@ class AgentConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         route = self.tunnels.pop(message.payload["tunnel_id"], None)
         if route:
             reason = f"the agent could not reach the desktop: {message.payload['error']}"[:120]
-            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": reason})
+            # final: trying again cannot help (an agent older than the field never says so).
+            final = message.payload.get("retryable") is False
+            await self._tell(route.viewer, {"type": "tunnel.closed", "reason": reason, "final": final})
 
     async def on_tunnel_close(self, message):
         route = self.tunnels.pop(message.payload["tunnel_id"], None)

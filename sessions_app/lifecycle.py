@@ -217,8 +217,15 @@ def _policies_exist() -> bool:
     return Template.objects.filter(some).exists() or GroupPolicy.objects.filter(some).exists()
 
 
+# A viewer is the desktop's own socket: the sound socket (stream "audio") alone shows
+# nobody watching, so it never holds off the no-viewer timeout.
+VIEWER_STREAM = "vnc"
+
+
 def _viewers(session: Session) -> tuple[int, datetime | None]:
-    facts = session.vnc_connections.aggregate(open=Count("pk", filter=Q(closed_at__isnull=True)), last=Max("closed_at"))
+    facts = session.vnc_connections.filter(stream=VIEWER_STREAM).aggregate(
+        open=Count("pk", filter=Q(closed_at__isnull=True)), last=Max("closed_at")
+    )
     return facts["open"], facts["last"]
 
 
@@ -229,12 +236,13 @@ def sweep_lifecycle() -> dict:
         return done
     now = timezone.now()
     policies: dict[tuple[int, int], Policy] = {}
+    viewer = {"vnc_connections__stream": VIEWER_STREAM}
     candidates = (
         Session.objects.filter(state__in=SWEPT_STATES)
         .select_related("template")
         .annotate(
-            viewers_open=Count("vnc_connections", filter=Q(vnc_connections__closed_at__isnull=True)),
-            last_viewer_closed=Max("vnc_connections__closed_at"),
+            viewers_open=Count("vnc_connections", filter=Q(vnc_connections__closed_at__isnull=True, **viewer)),
+            last_viewer_closed=Max("vnc_connections__closed_at", filter=Q(**viewer)),
         )
     )
     for session in candidates:

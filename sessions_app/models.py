@@ -6,6 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
+from agent_clients import protocol
 from agent_clients.backends import egress
 from sessions_app import clipboard
 from sessions_app.limits import validate_cpu, validate_memory
@@ -21,6 +22,9 @@ def validate_egress_allow(value) -> None:
     except ValueError as exc:
         raise ValidationError(f"Invalid egress allow list: {exc}", code="invalid_egress_allow") from None
 
+
+# The agent platforms whose backends carry sound (agent_clients/backends: audio_endpoint).
+SOUND_PLATFORMS = frozenset({"docker"})
 
 IDLE_ACTIONS = [("hibernate", "Hibernate"), ("terminate", "Terminate")]
 
@@ -88,6 +92,10 @@ class Template(models.Model):
                 check(getattr(self, name), field=name)
             except InvalidInput as exc:
                 errors[name] = exc.message
+        if self.sound and self.platform and self.platform not in SOUND_PLATFORMS:
+            errors["sound"] = f"{self.platform} agents carry no sound (only {', '.join(sorted(SOUND_PLATFORMS))})"
+        if self.sound and self.vnc_port == protocol.SOUND_PORT:
+            errors["vnc_port"] = f"{protocol.SOUND_PORT} is the desktop's sound port: choose another VNC port"
         if errors:
             raise ValidationError(errors)
 
@@ -125,6 +133,9 @@ class Session(models.Model):
     vnc_password = models.CharField(max_length=64, blank=True, default="")
     vnc_host = models.CharField(max_length=255, blank=True, default="")
     vnc_port = models.PositiveIntegerField(null=True, blank=True)
+    # The template had sound when the session was created, so its desktop serves it (the
+    # viewer offers sound by this, not by the template's current value).
+    sound = models.BooleanField(default=False)
     error_message = models.TextField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

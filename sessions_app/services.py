@@ -162,6 +162,7 @@ def session_create(
             memory_mb=memory_mb,
             keep_home=keep_home,
             vnc_password=secrets.token_urlsafe(6)[:8],
+            sound=template.sound,
         )
         SessionEvent.objects.create(session=session, to_state=session.state, reason=f"launched on {agent.agent_id}")
         command_enqueue(

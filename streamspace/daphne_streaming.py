@@ -12,12 +12,17 @@ Every HTTP scope also gets the ``streamspace.flow`` extension: ``await writable(
 returns once the connection's send buffer has drained, so a download is handed to Daphne
 no faster than the client takes it (Twisted would buffer it without bound).
 Harmless where Daphne is not the server: vnc_app.file_transfer works without either.
+
+Every WebSocket scope gets ``streamspace.buffered``: a callable returning how many bytes
+Twisted holds for the connection, not yet taken by the kernel (a browser that stops
+reading makes it grow without bound; vnc_app.audio closes the sound socket past a limit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 
 STREAMED = re.compile(rb"^/api/v1/sessions/[^/?]+/files/")
@@ -77,10 +82,18 @@ class Flow:
             channel = self.request.channel
 
 
+def _buffered(protocol) -> int:
+    """Bytes waiting in the Twisted transport's write buffer (0 where it has none, as TLS)."""
+    transport = getattr(protocol, "transport", None)
+    data = getattr(transport, "dataBuffer", b"")
+    return max(0, len(data) - getattr(transport, "offset", 0)) + getattr(transport, "_tempDataLen", 0)
+
+
 def apply() -> None:
     try:
         from daphne.http_protocol import WebRequest
         from daphne.server import Server
+        from daphne.ws_protocol import WebSocketProtocol
     except ImportError:
         return
     if getattr(WebRequest, "_streamspace_streaming", False):
@@ -133,6 +146,9 @@ def apply() -> None:
     def create_application_(server, protocol, scope):
         if isinstance(protocol, WebRequest):
             scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "streamspace.flow": Flow(protocol)}}
+        elif isinstance(protocol, WebSocketProtocol):
+            buffered = functools.partial(_buffered, protocol)
+            scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "streamspace.buffered": buffered}}
         queue = create_application(server, protocol, scope)
         if getattr(protocol, "_ss_stream", False) and queue is not None:
             get = queue._get

@@ -109,7 +109,7 @@ class DatabaseCollector(Collector):
             running += row["n"] if row["state"] == State.RUNNING else 0
         yield sessions
         watched = (
-            VNCConnection.objects.filter(closed_at__isnull=True, session__state=State.RUNNING)
+            VNCConnection.objects.filter(closed_at__isnull=True, stream="vnc", session__state=State.RUNNING)
             .values("session_id")
             .distinct()
             .count()
@@ -164,7 +164,7 @@ class DatabaseCollector(Collector):
 
     def _viewers(self):
         totals = VNCConnection.objects.aggregate(
-            open=Count("pk", filter=Q(closed_at__isnull=True)),
+            open=Count("pk", filter=Q(closed_at__isnull=True, stream="vnc")),  # the sound socket is no viewer
             to_client=Sum("bytes_to_client", filter=Q(closed_at__isnull=False)),
             from_client=Sum("bytes_from_client", filter=Q(closed_at__isnull=False)),
         )

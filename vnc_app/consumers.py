@@ -47,11 +47,11 @@ def same_origin(scope) -> bool:
 
 @database_sync_to_async
 def _load(user, session_id):
-    """(session id, agent channel, state, template has sound, clipboard rules) if the user
+    """(session id, agent channel, state, session has sound, clipboard rules) if the user
     may view the session; NotFound otherwise."""
     session = selectors.session_get_for_user(user=user, session_id=session_id)
     agent_channel = session.agent.channel_name if session.agent else ""
-    return session.pk, agent_channel, session.state, session.template.sound, clipboard.rules(session.template)
+    return session.pk, agent_channel, session.state, session.sound, clipboard.rules(session.template)
 
 
 class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
@@ -221,14 +221,19 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
         await database_sync_to_async(services.vnc_connection_tunnel_ready)(connection_pk=self.connection_pk)
 
     async def tunnel_data(self, event):
-        if self.tunnel_id is None:
+        if self.tunnel_id is None or self.close_reason:  # closed by us: sending would raise
             return
         try:
             self.seq.check(event["seq"])
         except relay.SequenceGap as exc:
             await self._finish(protocol.CLOSE_UNAVAILABLE, exc.args[0])
             return
-        data = event["bytes"]
+        await self._to_browser(event["bytes"])
+
+    async def _to_browser(self, data: bytes) -> None:
+        """Send the desktop's bytes to the browser and credit them back to the agent (in
+        batches). The credit is granted once Daphne has the bytes, not once the browser
+        has them: see docs/ARCHITECTURE.md, "Flow control"."""
         await self.send(bytes_data=data)
         self.bytes_to_client += len(data)
         self.unreported += len(data)
@@ -245,4 +250,9 @@ class VncConsumer(relay.DirectDispatch, AsyncWebsocketConsumer):
 
     async def tunnel_closed(self, event):
         if self.tunnel_id is not None:
-            await self._finish(protocol.CLOSE_GOING_AWAY, event["reason"])
+            await self._finish(self.closed_code(final=event.get("final", False)), event["reason"])
+
+    def closed_code(self, *, final: bool) -> int:
+        """The close code when the agent ends the tunnel; ``final``: the agent said trying
+        again cannot help. The viewer (static/js/viewer.js) reconnects on any code but 4401/4404."""
+        return protocol.CLOSE_GOING_AWAY

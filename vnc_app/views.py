@@ -43,8 +43,9 @@ def viewer(request, session_id):
         "rfb_module_url": static("novnc/core/rfb.js"),
         "login_url": f"{reverse('portal:login')}?{urlencode({'next': request.get_full_path()})}",
         "portal_url": reverse("portal:home"),
-        # The second socket, for templates with sound (static/js/viewer-audio.js); absent otherwise.
-        "audio_url": f"{scheme}://{request.get_host()}/api/v1/audio/{session.pk}" if session.template.sound else "",
+        # The second socket, for sessions created with sound (static/js/viewer-audio.js): their
+        # desktop serves it, whatever the template says now. Absent otherwise.
+        "audio_url": f"{scheme}://{request.get_host()}/api/v1/audio/{session.pk}" if session.sound else "",
         "clipboard": clipboard.as_payload(session.template),  # the relay and Xvnc enforce it too
     }
     return render(request, "vnc/viewer.html", {"session": session, "viewer_config": config})

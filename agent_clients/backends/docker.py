@@ -37,6 +37,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
+from agent_clients import protocol
 from agent_clients.backends import docker_files
 from agent_clients.backends import egress as eg
 from agent_clients.backends.base import (
@@ -58,7 +59,7 @@ LABEL_VNC_PORT = "streamspace.vnc_port"  # the container-side VNC port (template
 # Templates with sound: the container-side port of the desktop's Opus stream (the image's
 # SOUND_PORT), published on 127.0.0.1 like VNC; absent on desktops without sound.
 LABEL_SOUND_PORT = "streamspace.sound_port"
-SOUND_PORT = 5711
+SOUND_PORT = protocol.SOUND_PORT
 # On home volumes: "true" if the session asked to keep its home after terminate. The garbage
 # collector removes only volumes labelled "false" (a volume without the label predates it).
 LABEL_KEEP_HOME = "streamspace.keep_home"
@@ -382,6 +383,10 @@ class DockerBackend(Backend):
             raise BackendError("no VNC password given: refusing to run an open VNC server", retryable=False)
         if not 0 < spec.vnc_port < 65536:
             raise BackendError(f"invalid VNC port {spec.vnc_port}", retryable=False)
+        if spec.sound and spec.vnc_port == SOUND_PORT:
+            raise BackendError(
+                f"the template's VNC port {spec.vnc_port} is the desktop's sound port: choose another", retryable=False
+            )
         host = self._host()
         cpu_ok = isinstance(spec.cpu, (int, float)) and not isinstance(spec.cpu, bool) and math.isfinite(spec.cpu)
         if not cpu_ok or spec.cpu < self.min_cpu or (host["cpu"] and spec.cpu > host["cpu"]):

@@ -95,6 +95,13 @@ class Tunnel:
         self._inbound.append(data)
         self._inbound_ready.set()
 
+    @property
+    def server(self) -> str:
+        """What the TCP end is, for close reasons and logs."""
+        if self.file is not None:
+            return "file transfer"
+        return "sound server" if self.stream == "audio" else "vnc server"
+
     def grant(self, nbytes: int) -> None:
         """The control plane granted ``nbytes`` back: we may send them again."""
         self.send_credit = min(self.window, self.send_credit + nbytes)
@@ -110,7 +117,7 @@ class Tunnel:
 
     async def _tcp_to_socket(self) -> None:
         assert self.reader is not None
-        reason = "vnc server closed the connection"
+        reason = f"{self.server} closed the connection"
         try:
             while True:
                 while self.send_credit <= 0:
@@ -125,7 +132,7 @@ class Tunnel:
         except asyncio.CancelledError:
             raise
         except (OSError, asyncio.IncompleteReadError) as exc:
-            reason = f"vnc connection error: {exc.__class__.__name__}"
+            reason = f"{self.server} connection error: {exc.__class__.__name__}"
         except Exception as exc:  # the control socket dropped: close_all follows
             reason = f"relay error: {exc.__class__.__name__}"
         self.manager._close_soon(self, reason, notify=True)
@@ -160,7 +167,7 @@ class Tunnel:
         except asyncio.CancelledError:
             raise
         except OSError as exc:
-            self.manager._close_soon(self, f"vnc connection error: {exc.__class__.__name__}", notify=True)
+            self.manager._close_soon(self, f"{self.server} connection error: {exc.__class__.__name__}", notify=True)
         except Exception as exc:
             self.manager._close_soon(self, f"relay error: {exc.__class__.__name__}", notify=True)
 
@@ -239,8 +246,9 @@ class TunnelManager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            retryable = True
             if isinstance(exc, BackendError):
-                error = exc.message
+                error, retryable = exc.message, exc.retryable
             elif isinstance(exc, TimeoutError):
                 error = f"timed out connecting to the {'sound' if tunnel.stream == 'audio' else 'VNC'} server"
             else:
@@ -251,7 +259,7 @@ class TunnelManager:
             tunnel.closed = True
             self.tunnels.pop(tunnel.id, None)
             with contextlib.suppress(Exception):
-                await self.send_text("tunnel_error", {"tunnel_id": tunnel.id, "error": error})
+                await self.send_text("tunnel_error", {"tunnel_id": tunnel.id, "error": error, "retryable": retryable})
             return
         if tunnel.closed or self.closed:
             writer.close()

@@ -20,7 +20,8 @@ const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 10000;
 const GOOD_CONNECTION_MS = 5000;
 const WATCH_MS = 500; // how often to look whether the picture is connected
-// Close codes after which trying again cannot help: log in first, not offered, no such session.
+// Close codes after which trying again cannot help: log in first, no such session, and 4403:
+// not offered, or the agent or the desktop cannot carry sound (vnc_app/audio.py).
 const FINAL_CODES = new Set([4401, 4403, 4404]);
 
 const audio = {
@@ -97,7 +98,10 @@ function watch() {
   const viewer = window.streamspaceViewer;
   const pictureUp = viewer && viewer.state === "connected";
   if (!pictureUp) {
-    if (socket) socket.close(1000);
+    if (socket) {
+      socket.byPage = true; // the picture dropped: no fault of the sound's, no backoff
+      socket.close(1000);
+    }
     return;
   }
   if (!socket && Date.now() >= retryAt) connect();
@@ -129,8 +133,13 @@ function connect() {
       setState("refused", `No sound: ${e.reason || e.code}`);
       return;
     }
-    retryAt = Date.now() + backoff;
-    backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+    if (ws.byPage) {
+      backoff = BACKOFF_MIN_MS;
+      retryAt = 0; // again as soon as the picture is back
+    } else {
+      retryAt = Date.now() + backoff;
+      backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+    }
     setState("disconnected", `Sound disconnected${e.reason ? `: ${e.reason}` : ""}; retrying.`);
   };
 }

@@ -266,6 +266,7 @@ async def test_an_audio_tunnel_reaches_the_sound_server_and_a_backend_without_so
         refused = await TunnelPeer(conn, 3, "s-1").open(stream="audio")
         assert refused.type == "tunnel_error"
         assert refused.payload["error"] == "this platform does not carry sound"
+        assert refused.payload["retryable"] is False  # the viewer's page stops trying
     assert len(vnc.connections) == 1  # never the VNC server instead
     vnc.server.close()
     sound.server.close()

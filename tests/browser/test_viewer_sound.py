@@ -43,38 +43,62 @@ PLAY_TONE = (
     "exec pacat --raw --format=s16le --rate=48000 --channels=2 --latency-msec=10 /tmp/tone-{seconds}.raw"
 )
 
-# Watches the analyser every few milliseconds: the wall-clock time of the first sample
-# above the threshold, the loudest sample, and 150 ms into the sound the spectrum's peak,
-# the level at the tone's bin and the floor (the median bin).
+# Watches the analyser every few milliseconds: the wall-clock time of the first and the last
+# sample above the threshold, the loudest sample, and the spectrum (its peak, the level at
+# the tone's bin and the floor, the median bin) of the clearest analysis window heard that
+# was full of sound: no 128-sample stretch of it quiet. Under CPU load the desktop's
+# player, the relay or the page may stall for tens of milliseconds (the page's player then
+# restarts: an underrun), and a window over such a gap is silence or a click, not the tone;
+# so the spectrum is not taken at a fixed time after the onset (which a stall, or a late
+# timer, can put in a gap or past the tone's end) but over the whole tone.
 PROBE = """(hz) => {
   const a = window.streamspaceAudio.analyser;
   a.fftSize = 2048;
   a.smoothingTimeConstant = 0;
   const wave = new Float32Array(a.fftSize);
-  const probe = { onset: null, peak: 0, spectrum: null };
+  const bins = new Float32Array(a.frequencyBinCount);
+  const probe = { onset: null, last: null, peak: 0, spectrum: null, windows: 0 };
   window.__probe = probe;
+  let analysed = 0;
   const spectrum = () => {
-    const bins = new Float32Array(a.frequencyBinCount);
     a.getFloatFrequencyData(bins);
     const binHz = a.context.sampleRate / a.fftSize;
     let best = 1;
     for (let i = 1; i < bins.length; i++) if (bins[i] > bins[best]) best = i;
     const finite = Array.from(bins, (v) => (Number.isFinite(v) ? v : -200)).sort((x, y) => x - y);
-    probe.spectrum = { peakHz: best * binHz, toneDb: bins[Math.round(hz / binHz)],
-                       floorDb: finite[Math.floor(finite.length / 2)] };
+    return { peakHz: best * binHz, toneDb: bins[Math.round(hz / binHz)],
+             floorDb: finite[Math.floor(finite.length / 2)] };
   };
   clearInterval(window.__probeTimer);
   window.__probeTimer = setInterval(() => {
     a.getFloatTimeDomainData(wave);
     let peak = 0;
-    for (const v of wave) peak = Math.max(peak, Math.abs(v));
+    let full = true;
+    for (let at = 0; at < wave.length; at += 128) {
+      let stretch = 0;
+      for (let i = at; i < at + 128; i++) stretch = Math.max(stretch, Math.abs(wave[i]));
+      peak = Math.max(peak, stretch);
+      if (stretch <= 0.05) full = false;
+    }
     probe.peak = Math.max(probe.peak, peak);
-    if (probe.onset === null && peak > 0.05) {
-      probe.onset = performance.timeOrigin + performance.now();
-      setTimeout(spectrum, 150);
+    const now = performance.timeOrigin + performance.now();
+    if (peak > 0.05) {
+      if (probe.onset === null) probe.onset = now;
+      probe.last = now;
+    }
+    if (full && now - analysed >= 20) {
+      analysed = now;
+      probe.windows += 1;
+      const s = spectrum();
+      const clarity = (x) => x.toneDb - x.floorDb;
+      if (probe.spectrum === null || clarity(s) > clarity(probe.spectrum)) probe.spectrum = s;
     }
   }, 1);
 }"""
+# The tone was heard clearly, or it is over (nothing above the threshold for 300 ms).
+TONE_HEARD = """() => { const p = window.__probe;
+  const now = performance.timeOrigin + performance.now();
+  return p.onset !== null && ((p.spectrum && p.spectrum.toneDb - p.spectrum.floorDb > 40) || now - p.last > 300); }"""
 
 OPEN_AUDIO_SOCKET = """(url) => new Promise((resolve) => {
   const ws = new WebSocket(url, ['binary']);
@@ -85,6 +109,20 @@ OPEN_AUDIO_SOCKET = """(url) => new Promise((resolve) => {
 
 def probe(page) -> dict:
     return page.evaluate("({...window.__probe})")
+
+
+def page_errors(context) -> list[str]:
+    """The pages' errors, but for noVNC's modules failing to load when Chromium, on the
+    Docker host, saw Docker add or remove an interface (ERR_NETWORK_CHANGED): the viewer
+    reloads itself then (static/js/viewer.js, moduleFailed), its own recovery."""
+    network_changed = any("ERR_NETWORK_CHANGED" in p for p in context.problems)
+    return [p for p in context.problems if p.startswith("page error")
+            and not (network_changed and "Failed to fetch dynamically imported module" in p)]  # fmt: skip
+
+
+def player(page) -> dict:
+    """The page's player: state, packets, drops, underruns, close code and reason."""
+    return page.evaluate("({...window.streamspaceAudio, context: null, analyser: null})")
 
 
 def play_tone(container, seconds: int) -> None:
@@ -148,20 +186,24 @@ def test_the_desktops_sound_plays_in_the_page_with_low_latency_and_mutes(
     assert quiet_for(page, 1.0) < 0.001, "the desktop plays nothing, yet the page heard something"
 
     # 2. A tone in the desktop is heard: its frequency, far above the floor, and soon.
-    latencies = []
+    latencies, underruns = [], []
     for _ in range(3):
+        before = player(page)["underruns"]
         page.evaluate(PROBE, TONE_HZ)
         play_tone(container, 1)
         page.wait_for_function("() => window.__probe.onset !== null", timeout=5_000)
         latencies.append(probe(page)["onset"] - tone_started(container))
-        page.wait_for_function("() => window.__probe.spectrum !== null", timeout=2_000)
-        spectrum = probe(page)["spectrum"]
-        assert abs(spectrum["peakHz"] - TONE_HZ) < 30, spectrum
-        assert spectrum["toneDb"] - spectrum["floorDb"] > 40, spectrum
+        page.wait_for_function(TONE_HEARD, timeout=5_000)
+        heard = probe(page)
+        spectrum = heard["spectrum"]
+        assert spectrum is not None, f"the tone never filled an analysis window: {heard}, {player(page)}"
+        assert abs(spectrum["peakHz"] - TONE_HZ) < 30, (heard, player(page))
+        assert spectrum["toneDb"] - spectrum["floorDb"] > 40, (heard, player(page))
         # ... and when it ends, silence again.
         wait_for(lambda: quiet_for(page, 0.3) < 0.001, 5, 0, what="silence after the tone")
+        underruns.append(player(page)["underruns"] - before)
     print(f"sound latency, desktop to page (ms): {', '.join(f'{ms:.0f}' for ms in latencies)}; "
-          f"{page.evaluate('({...window.streamspaceAudio, context: null, analyser: null})')}")  # fmt: skip
+          f"underruns in each tone: {underruns}; {player(page)}")  # fmt: skip
     assert sorted(latencies)[1] < 300, latencies  # the median: one tone may meet a busy CPU
 
     # 3. Muted, the page hears nothing of a tone while the stream goes on; unmuted, it does.
@@ -177,7 +219,22 @@ def test_the_desktops_sound_plays_in_the_page_with_low_latency_and_mutes(
     assert button.inner_text() == "Mute" and button.get_attribute("aria-pressed") == "false"
     page.wait_for_function("() => window.__probe.onset !== null", timeout=2_000)
 
-    # 4. A template without sound offers none: no button, no player, and its socket refuses
+    # 4. The picture dropping closes the sound, which comes back with the picture at once,
+    # however often (a close by the page is no failure of the sound's: no growing backoff).
+    # The picture's state is set in the page (window.streamspaceViewer), as viewer.js sets
+    # it when its socket drops and comes back.
+    back = []
+    for _ in range(3):
+        page.evaluate("window.streamspaceViewer.state = 'disconnected'")
+        page.wait_for_function("() => window.streamspaceAudio.state === 'disconnected'", timeout=3_000)
+        started = time.monotonic()
+        page.evaluate("window.streamspaceViewer.state = 'connected'")
+        page.wait_for_function("() => window.streamspaceAudio.state !== 'disconnected'", timeout=10_000)
+        back.append(time.monotonic() - started)
+    assert max(back) < 1.5, f"the sound came back after {back} s"
+    page.wait_for_function("() => window.streamspaceAudio.state === 'playing'", timeout=10_000)
+
+    # 5. A template without sound offers none: no button, no player, and its socket refuses
     # (a terminated session of it is enough: the page and the socket decide by its template).
     silent = Session.objects.create(owner=alice, template=desktop_template, cpu=0.5, memory_mb=512, state="terminated")
     other = context.new_page()
@@ -188,4 +245,4 @@ def test_the_desktops_sound_plays_in_the_page_with_low_latency_and_mutes(
     refused = other.evaluate(OPEN_AUDIO_SOCKET, f"{control_plane_b.ws_url}/api/v1/audio/{silent.pk}")
     assert refused == {"code": 4403, "reason": "this session's template has no sound"}, refused
     assert not context.violations, context.violations
-    assert not [p for p in context.problems if p.startswith("page error")], context.problems
+    assert not page_errors(context), context.problems

@@ -23,7 +23,8 @@ def desktop(transactional_db):
 
 def running_session(owner, template, agent_id="agent-1", state=State.RUNNING):
     agent = Agent.objects.get(agent_id=agent_id)
-    return Session.objects.create(owner=owner, template=template, agent=agent, cpu=1, memory_mb=64, state=state)
+    return Session.objects.create(owner=owner, template=template, agent=agent, cpu=1, memory_mb=64, state=state,
+                                  sound=template.sound)  # fmt: skip
 
 
 def viewer(cp, session_id, token=None):

@@ -167,10 +167,15 @@ def test_no_viewer_timeout_hibernates_only_sessions_nobody_watches(alice, templa
     VNCConnection.objects.create(session=watched, user=alice)
     left_lately = running(alice, template, agent, since=600)
     VNCConnection.objects.create(session=left_lately, user=alice, closed_at=ago(60))
-    assert sweep_lifecycle() == {**NOTHING, "hibernate": 1}
-    unwatched.refresh_from_db()
-    assert unwatched.state == State.HIBERNATING
-    assert unwatched.lifecycle_reason == "hibernated after 5 min with no viewer open"
+    # Only the sound socket open (a script can hold it): nobody watches.
+    heard_only = running(alice, template, agent, since=600)
+    VNCConnection.objects.create(session=heard_only, user=alice, stream="audio")
+    VNCConnection.objects.create(session=heard_only, user=alice, stream="audio", closed_at=ago(60))
+    assert sweep_lifecycle() == {**NOTHING, "hibernate": 2}
+    for session in (unwatched, heard_only):
+        session.refresh_from_db()
+        assert session.state == State.HIBERNATING
+        assert session.lifecycle_reason == "hibernated after 5 min with no viewer open"
     assert {Session.objects.get(pk=s.pk).state for s in (watched, left_lately)} == {State.RUNNING}
 
 

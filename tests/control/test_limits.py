@@ -116,6 +116,21 @@ def test_a_template_with_defaults_below_the_minimum_fails_model_validation(db):
     Template(slug="ok", name="Ok", image="img:1", default_cpu=0.1, default_memory_mb=64).full_clean()
 
 
+def test_a_template_with_sound_refuses_a_platform_without_sound_and_the_sound_port_for_vnc(db):
+    """Kubernetes agents carry no sound, and the desktop serves sound on 5711 (the Docker
+    agent would publish one port for both)."""
+    k8s = Template(slug="k8s", name="K8s", image="img:1", sound=True, platform="kubernetes")
+    with pytest.raises(ValidationError) as err:
+        k8s.full_clean()
+    assert set(err.value.message_dict) == {"sound"}
+    clash = Template(slug="clash", name="Clash", image="img:1", sound=True, vnc_port=5711)
+    with pytest.raises(ValidationError) as err:
+        clash.full_clean()
+    assert set(err.value.message_dict) == {"vnc_port"}
+    Template(slug="k8s-silent", name="K8s", image="img:1", platform="kubernetes", vnc_port=5711).full_clean()
+    Template(slug="docker", name="Docker", image="img:1", sound=True, platform="docker").full_clean()
+
+
 def test_the_template_admin_refuses_defaults_below_the_minimum(admin_client):
     form = {
         "slug": "tiny", "name": "Tiny", "description": "", "image": "img:1", "vnc_port": "5901",

@@ -83,6 +83,9 @@ def test_values_are_exact_after_a_known_sequence(client, metrics_token, alice, t
     vnc_services.vnc_connection_open(  # still open: its bytes are not counted yet
         session_id=first.pk, user_id=alice.pk, client_address="127.0.0.1"
     )
+    vnc_services.vnc_connection_open(  # the second session's sound socket alone: no viewer
+        session_id=second.pk, user_id=alice.pk, client_address="127.0.0.1", stream="audio"
+    )
     opened = VNCConnection.objects.get(pk=viewer).opened_at
     VNCConnection.objects.filter(pk=viewer).update(tunnel_ready_at=opened + timedelta(seconds=0.2))
     vnc_services.vnc_connection_close(connection_pk=viewer, bytes_to_client=12345, bytes_from_client=678, reason="bye")

@@ -48,6 +48,15 @@ def test_limits_below_the_minimum_are_refused_before_anything_is_made(
     assert _container(docker_client, spec.session_id) is None
 
 
+def test_a_sound_template_whose_vnc_port_is_the_sound_port_is_refused(backend, docker_client, new_session):
+    """One published port cannot serve both (Template.clean refuses it too)."""
+    spec = new_session(sound=True, vnc_port=5711)
+    with pytest.raises(BackendError) as err:
+        backend.create(spec)
+    assert err.value.retryable is False and "sound port" in err.value.message
+    assert _container(docker_client, spec.session_id) is None
+
+
 def test_a_nan_cpu_in_the_payload_is_refused(backend, docker_client, new_session):
     sid = new_session().session_id
     spec = SessionSpec.from_payload(sid, {"template": {"image": "x:1"}, "cpu": "NaN", "vnc_password": "pw"})
