@@ -57,7 +57,7 @@ from agent_clients.leadership.base import Leadership
 from agent_clients.runtime import logfmt
 from agent_clients.runtime.deadlines import within
 from agent_clients.runtime.metrics import AgentMetrics
-from agent_clients.runtime.status import StatusFile
+from agent_clients.runtime.status import StatusFile, touch_period
 from agent_clients.runtime.tunnels import TunnelManager
 
 log = logging.getLogger("agent_clients.runtime.agent")
@@ -198,12 +198,15 @@ class Agent:
         self._stop_connection = asyncio.Event()
         self._connected = asyncio.Event()
         self._event_ready = asyncio.Event()
+        # First of all: a status file a crashed predecessor left ("connected") is not ours.
+        self.status.set("connecting")
         if self.cfg.metrics_port:  # first: a port that cannot be bound stops the agent before it holds anything
             self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_bind)
         if self.install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, self.request_shutdown)
+        keeper = asyncio.create_task(self._keep_status(), name="agent-status")
         watcher = self._start_watch()
         connection_loop = asyncio.create_task(self._connection_loop(), name="agent-connection")
         events = asyncio.create_task(self._event_sender(), name="agent-events")
@@ -219,9 +222,9 @@ class Agent:
             if self.superseded:
                 for task in list(self._inflight.values()):
                     task.cancel()  # their answers would be refused; the current process redoes them
-            for task in (events, connection_loop, shutdown):
+            for task in (events, connection_loop, shutdown, keeper):
                 task.cancel()
-            await asyncio.gather(events, connection_loop, shutdown, return_exceptions=True)
+            await asyncio.gather(events, connection_loop, shutdown, keeper, return_exceptions=True)
             for task in list(self._tasks):
                 task.cancel()
             self._watch_stop.set()
@@ -849,6 +852,14 @@ class Agent:
                 "status": "draining" if self.draining else "online",
             },
         )
+
+    async def _keep_status(self) -> None:
+        """Touch the status file while the loop runs: its age tells a health check this
+        process still answers (runtime/status.py)."""
+        period = touch_period(self.cfg.heartbeat_interval)
+        while True:
+            await asyncio.sleep(period)
+            self.status.touch()
 
     async def _heartbeats(self) -> None:
         interval = self.cfg.heartbeat_interval

@@ -19,8 +19,12 @@ CHANGES=(
 configure() {
     [ -f "$ROOTFS/app/node_modules/@novnc/novnc/core/rfb.js" ] \
         || die "noVNC is not installed (npm ci: ./dev test or ./dev up installs it)"
-    # Static files (WhiteNoise serves them): collected at build, as in the Dockerfile.
-    in_root SECRET_KEY=build-only DEBUG=false /opt/streamspace/bin/python /app/manage.py collectstatic --noinput -v0
+    # Static files (WhiteNoise serves them): collected at build, as in the Dockerfile. The
+    # settings make their var dir (the filesystem broker's folders) on import: a throwaway
+    # one here, so /app/var stays empty and the user's (10001) own.
+    in_root SECRET_KEY=build-only DEBUG=false STREAMSPACE_VAR_DIR=/tmp/build-var \
+        /opt/streamspace/bin/python /app/manage.py collectstatic --noinput -v0
+    rm -rf "$ROOTFS/tmp/build-var"
     install -m 0755 "$HERE/images/control-plane/healthcheck.sh" "$ROOTFS/usr/local/bin/streamspace-healthcheck"
     install -d -o "$UID_GID" -g "$UID_GID" "$ROOTFS/app/var" # SQLite/filesystem broker when no DATABASE_URL
 }

@@ -14,6 +14,12 @@ CHANGES=(
     'HEALTHCHECK --interval=2s --timeout=5s --retries=30 CMD ["pg_isready", "-q", "-h", "127.0.0.1"]'
     'ENTRYPOINT ["/usr/local/bin/streamspace-postgres"]'
 )
+prepare() {
+    # The user `postgres` is uid/gid 999, as in the official image (before the package makes
+    # one of its own): a data volume moves between the two (compose.official-images.yaml).
+    in_root groupadd -r -g 999 postgres
+    in_root useradd -r -u 999 -g postgres -d /var/lib/postgresql -s /bin/bash postgres
+}
 configure() {
     # The package made a cluster of its own (/etc/postgresql/15/main); the image makes
     # its cluster at first start, in the data volume.

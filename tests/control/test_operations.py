@@ -1,10 +1,13 @@
 """Health probes, the API schema and docs, and the management commands."""
 
 import io
+import threading
+import time
 from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from agents_app.models import Agent, SweepRun
@@ -118,6 +121,41 @@ def test_agent_token_from_env_sets_the_deployment_s_token_and_keeps_it(monkeypat
     assert "set the token of docker-7" in run("agent_token", "docker-7", "--from-env", "COMPOSE_AGENT_TOKEN")
     assert agent_authenticate(agent_id="docker-7", raw_token=secret) is None
     assert agent_authenticate(agent_id="docker-7", raw_token=secret + "-rotated") == agent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_first_runs_of_agent_token_from_env_at_once_both_succeed(monkeypatch):
+    """Two replicas run the setup step together: the other run (here, the test's own open
+    transaction) creates the agent after this run looked for it and before its insert; the
+    insert waits on the unique index, fails when the other commits, and the run retries."""
+    secret = "c0mp0se-" + "y" * 40
+    monkeypatch.setenv("COMPOSE_AGENT_TOKEN", secret)
+    outcome: list = []
+
+    def second_run():
+        try:
+            outcome.append(run("agent_token", "docker-6", "--platform", "docker", "--from-env", "COMPOSE_AGENT_TOKEN"))
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        Agent.objects.create(agent_id="docker-6", platform="docker")  # the first run, not yet committed
+        thread = threading.Thread(target=second_run)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cur:  # until the second run's insert waits on ours
+            while True:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = %s",
+                            [connection.settings_dict["NAME"]])  # fmt: skip
+                if cur.fetchone()[0] or not thread.is_alive() or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+    thread.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], str), outcome
+    assert "set the token of docker-6" in outcome[0]
+    assert agent_authenticate(agent_id="docker-6", raw_token=secret) is not None
 
 
 def test_agent_token_from_env_refuses_a_weak_or_missing_token_and_creates_nothing(monkeypatch):

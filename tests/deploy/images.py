@@ -5,6 +5,8 @@ containers of them started and timed."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -30,10 +32,30 @@ def ensure_image(name: str, pytestconfig) -> str:
     live, outside pytest's capture: a cold build takes a minute or more)."""
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        done = subprocess.run(["bash", str(SCRIPT), name], timeout=BUILD_TIMEOUT - 300)
-    if done.returncode != 0:
-        pytest.fail(f"scripts/build_images.sh {name} failed (exit {done.returncode})")
+        returncode = run_build([name], BUILD_TIMEOUT - 300)
+    if returncode != 0:
+        pytest.fail(f"scripts/build_images.sh {name} failed (exit {returncode})")
     return image_ref(name)
+
+
+def run_build(args: list[str], timeout: float) -> int:
+    """The build in a process group of its own; past ``timeout`` the whole group gets SIGTERM
+    (the script's trap unmounts and removes its work directory), SIGKILL 30 s later."""
+    proc = subprocess.Popen(["bash", str(SCRIPT), *args], start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        pytest.fail(f"scripts/build_images.sh {' '.join(args)} took over {timeout:.0f}s: stopped")
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C, a test timeout): stop the build too
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
 
 
 def wait_health(container, timeout: float) -> str:

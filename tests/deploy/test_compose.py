@@ -247,9 +247,16 @@ def test_the_compose_stack_runs_a_desktop_through_the_containerised_agent_and_le
         print(f"--- the stack when it failed\n{stack.logs()}")  # shown with the failure
         raise
     finally:
-        stack.compose("down", "-v", "-t", "5", timeout=120)
-        if session_id:  # what a failed run left of the session (none when it passed)
-            for obj in session_objects(docker_client, session_id):
-                kind, name = obj.split(" ", 1)
-                getattr(docker_client, f"{kind}s").get(name).remove(**({"force": True} if kind != "network" else {}))
-            IptablesEgress().remove(Chains.of(stack.agent_id, session_id))
+        try:
+            stack.compose("down", "-v", "-t", "5", timeout=120)
+        finally:  # a down that fails or times out still leaves no session or rules behind
+            remove_session_leftovers(docker_client, stack, session_id)
+
+
+def remove_session_leftovers(docker_client, stack, session_id) -> None:
+    """What a failed run left of the session (none when it passed)."""
+    if session_id:
+        for obj in session_objects(docker_client, session_id):
+            kind, name = obj.split(" ", 1)
+            getattr(docker_client, f"{kind}s").get(name).remove(**({"force": True} if kind != "network" else {}))
+        IptablesEgress().remove(Chains.of(stack.agent_id, session_id))

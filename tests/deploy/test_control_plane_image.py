@@ -61,5 +61,19 @@ def test_the_control_plane_image_serves_as_non_root_and_turns_healthy(pytestconf
         status, body = get(base + "/static/novnc/core/rfb.js")
         assert status == 200 and b"export default class RFB" in body
         assert wait_health(container, 20) == "healthy", container.attrs["State"].get("Health")
+        # Everything the app made in its var dir at start-up (SQLite, the filesystem broker's
+        # folders) is its user's: a Celery worker of this image can queue and take tasks.
+        code, out = container.exec_run(["sh", "-c", "find /app/var ! -user 10001; touch /app/var/celery-broker/out/x"])
+        assert (code, out) == (0, b""), out.decode()
     finally:
         container.remove(force=True)
+
+
+def test_the_control_plane_images_var_dir_is_empty_and_its_users(pytestconfig, docker_client):
+    """The build (collectstatic imports the settings) leaves nothing in /app/var: no
+    root-owned broker folders that uid 10001 could not write into."""
+    image = ensure_image("control-plane", pytestconfig)
+    out = docker_client.containers.run(
+        image, ["sh", "-c", "test -w /app/var && stat -c %u /app/var && ls -A /app/var"], remove=True
+    )
+    assert out == b"10001\n", out.decode()

@@ -2,15 +2,19 @@
 
 With ``--from-env NAME`` the token is not generated but read from the environment
 variable ``NAME`` (or the file ``NAME_FILE``) and never printed: the deployment keeps it
-(Docker Compose's env file), and running the command again changes nothing."""
+(Docker Compose's env file), and running the command again changes nothing. Two first
+runs at once (two replicas starting together) both succeed: the one that loses the race to
+create the agent runs once more and finds it. The token should be at least 32 random
+characters (``openssl rand -hex 32``: 64 hex digits, 256 bits); fewer than 32 printable
+characters are refused."""
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from agents_app.models import Agent
 from agents_app.services import agent_issue_token, agent_register, agent_set_token
 from streamspace.env import env_str
-from streamspace.errors import ServiceError
+from streamspace.errors import Conflict, ServiceError
 
 
 class Command(BaseCommand):
@@ -33,11 +37,19 @@ class Command(BaseCommand):
             wanted = env_str(from_env)
             if not wanted:
                 raise CommandError(f"--from-env {from_env}: neither {from_env} nor {from_env}_FILE is set")
-        try:
-            with transaction.atomic():  # a refused token leaves no new agent behind
-                done, token = self._token(agent_id, platform, region, wanted)
-        except ServiceError as exc:
-            raise CommandError(exc.message) from None
+        for attempt in (1, 2):
+            try:
+                with transaction.atomic():  # a refused token leaves no new agent behind
+                    done, token = self._token(agent_id, platform, region, wanted)
+                break
+            except (IntegrityError, Conflict) as exc:
+                # Another run created the agent between our look-up and our insert. With
+                # --from-env the second attempt finds it and sets (or keeps) the same token;
+                # a generated token would silently replace the other run's: refused.
+                if wanted is None or attempt == 2:
+                    raise CommandError(f"agent {agent_id!r} was created by another run at the same time") from exc
+            except ServiceError as exc:
+                raise CommandError(exc.message) from None
         if wanted is not None:
             self.stdout.write(f"{done} {agent_id} (token from {from_env})")
         elif quiet:

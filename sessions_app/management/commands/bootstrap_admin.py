@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand
 
 from streamspace.env import env_str
 
-CHANGE_PASSWORD_HINT = ".venv/bin/python manage.py changepassword {username}"  # noqa: S105 (a command)
+CHANGE_PASSWORD_HINT = "python manage.py changepassword {username}"  # noqa: S105 (a command)
 
 
 def ensure_admin() -> tuple[str, str | None, bool]:

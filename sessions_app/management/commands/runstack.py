@@ -155,7 +155,7 @@ class Command(BaseCommand):
             lines.append(f"admin login: {username} with the password from ADMIN_PASSWORD")
         else:
             lines.append(f"admin login: {username} (password set earlier)")
-        lines.append(f"change the admin password: {CHANGE_PASSWORD_HINT.format(username=username)}")
+        lines.append(f"change the admin password: .venv/bin/{CHANGE_PASSWORD_HINT.format(username=username)}")
         self.stdout.write("\n".join(lines))
 
     def _local_agent_token(self, agent_id: str) -> str:
