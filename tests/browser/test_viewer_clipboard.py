@@ -35,6 +35,7 @@ pytestmark = [
 
 NON_ASCII = "Grüße aus Köln · 東京 · ✓ — ½"
 PASTED = "Ça marche: Δ→ζ 🙂"
+BEFORE_OPEN = "copié avant l'ouverture ✓"
 EXTENDED_CLIPBOARD = -1063131698  # 0xC0A1E5CE
 DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE = -223, -308
 CAPS, REQUEST, NOTIFY, PROVIDE, TEXT = 1 << 24, 1 << 25, 1 << 27, 1 << 28, 1
@@ -107,11 +108,15 @@ def wait_desktop_follows(page, container, session, timeout: float = 15) -> tuple
     return tuple(seen["xvnc"])
 
 
-def open_viewer(new_context, base, session_id, **context_args):
+def open_viewer(new_context, base, session_id, clipboard_text=None, **context_args):
+    """A logged-in viewer page, connected; ``clipboard_text`` is put in the browser's
+    clipboard before the viewer opens."""
     ctx = new_context("alice", permissions=["clipboard-read", "clipboard-write"], **context_args)
     ctx.add_init_script(RECORD_SENT)
     page = ctx.new_page()
     login(page, base, "alice", ALICE_PASSWORD)
+    if clipboard_text is not None:
+        page.evaluate(f"navigator.clipboard.writeText({clipboard_text!r})")
     page.goto(f"{base}/vnc-viewer/{session_id}")
     page.wait_for_function(VIEWER_CONNECTED, timeout=30_000)
     return ctx, page
@@ -125,7 +130,11 @@ def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
     session_id = start_session(control_plane, "desktop")
     session = Session.objects.get(pk=session_id)
     container = container_of(docker_client, session_id)
-    ctx, page = open_viewer(new_context, control_plane_b.http_url, session_id)
+    ctx, page = open_viewer(new_context, control_plane_b.http_url, session_id, clipboard_text=BEFORE_OPEN)
+
+    # Browser -> desktop on connect: what the browser's clipboard held before the viewer
+    # opened is sent once the RFB handshake is done (noVNC drops a paste before it).
+    wait_for(lambda: xclip(container, "-o") == BEFORE_OPEN, 10, 0.2, what="the clipboard of before in the desktop's")
 
     # Resize to the window: on open, then when the window changes (noVNC debounces it).
     opened = wait_desktop_follows(page, container, session)
