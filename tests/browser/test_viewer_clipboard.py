@@ -122,8 +122,18 @@ def open_viewer(new_context, base, session_id, clipboard_text=None, **context_ar
     return ctx, page
 
 
+@pytest.fixture(scope="module")
+def limited_daphne(django_db_setup, django_db_blocker):
+    """A Daphne on the same database and channel layer allowing 1000 bytes to the browser."""
+    from tests.live import ControlPlane
+
+    cp = ControlPlane("daphne-clipb", CLIPBOARD_MAX_TO_BROWSER="1000").start()
+    yield cp
+    cp.stop()
+
+
 def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
-    control_plane, control_plane_b, docker_agent, docker_client, desktop_template, alice, new_context
+    limited_daphne, control_plane, control_plane_b, docker_agent, docker_client, desktop_template, alice, new_context
 ):
     from sessions_app.models import Session
 
@@ -188,6 +198,14 @@ def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
         [["copied while raw clients watch"]],
     )
 
+    # A client that announces the extended clipboard but never sends Caps is held to the
+    # limit to the browser too (1000 bytes on this Daphne): a copy within it arrives, a
+    # longer one is only announced. (Xvnc cannot fetch an X selection sent in INCR pieces,
+    # above about 256 KiB, so the default 1 MiB could not show this.)
+    small, large = "s" * 900, "L" * 1100
+    got, notified = copies_to_a_client_without_caps(limited_daphne, session, container, [small, large])
+    assert (got, notified) == ([small], 1)
+
     # Scale instead (remembered): after a reload the desktop keeps its size whatever the window.
     page.click("#viewer-fit")
     assert page.evaluate("localStorage.getItem('streamspace-viewer-fit')") == "scale"
@@ -221,8 +239,10 @@ class RawRFB:
     """An RFB client on a byte transport (the relay's socket, or the container's port)
     that speaks the extended clipboard like noVNC and answers the server's requests."""
 
-    def __init__(self, send, recv, password: str):
+    def __init__(self, send, recv, password: str, answer_caps: bool = True):
         self.send, self._recv, self.buf = send, recv, b""
+        self.answer_caps = answer_caps  # False: announce the extended clipboard, never send Caps
+        self.notified = 0  # extended Notify messages the server sent us
         self.offered = None  # the text our Provide answers a Request with
         self.got: list[str] = []  # clipboard texts the server sent us
         self._read(12)
@@ -286,10 +306,12 @@ class RawRFB:
                     continue
                 (flags,) = struct.unpack(">I", body[:4])
                 if flags & CAPS:
-                    self.send(self.cut_text(CAPS | REQUEST | NOTIFY | PROVIDE | TEXT, struct.pack(">I", 1 << 20)))
+                    if self.answer_caps:
+                        self.send(self.cut_text(CAPS | REQUEST | NOTIFY | PROVIDE | TEXT, struct.pack(">I", 1 << 20)))
                 elif flags & REQUEST and self.offered is not None:
                     self.send(self.provide(self.offered))
                 elif flags & NOTIFY and flags & TEXT:
+                    self.notified += 1
                     self.send(self.cut_text(REQUEST | TEXT))
                 elif flags & PROVIDE:
                     raw = zlib.decompressobj().decompress(body[4:])  # a zlib stream, never finished
@@ -342,6 +364,29 @@ def exchange_with_raw_clients(cp, session, container, direct: bool):
         ws.close()
         if sock:
             sock.close()
+
+
+def copies_to_a_client_without_caps(cp, session, container, texts: list[str]) -> tuple[list[str], int]:
+    """A raw client through the relay announces the extended clipboard and never sends
+    Caps (TigerVNC then assumes 20 MiB unasked); the desktop copies each text in turn:
+    (the texts the client received, how many Notify it got)."""
+    ws, send, recv = relay_transport(cp, session.pk, jwt(cp, "alice", ALICE_PASSWORD))
+    client = RawRFB(send, recv, session.vnc_password, answer_caps=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=client.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(1)
+        for text in texts:
+            # Long texts do not fit an exec's argument: made in the desktop by a pipe.
+            command = f"head -c {len(text)} /dev/zero | tr '\\0' {text[0]!r} | xclip -selection clipboard -i"
+            container.exec_run(["sh", "-c", f"{command} >/dev/null 2>&1"], user="1000", environment={"DISPLAY": ":1"})
+            time.sleep(2)  # what the client receives, it receives within this
+        return client.got, client.notified
+    finally:
+        stop.set()
+        thread.join(5)
+        ws.close()
 
 
 def test_a_template_with_the_clipboard_off_lets_nothing_cross(
