@@ -193,7 +193,7 @@ def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
 
     # A client other than the page, through the relay: it gets the desktop's copies and
     # its paste lands (the control for the template with the clipboard off, below).
-    assert exchange_with_raw_clients(control_plane_b, session, container, direct=False) == (
+    assert exchange_with_raw_clients(control_plane_b, session, container, direct=False, crosses=True) == (
         "pasted by raw client 0",
         [["copied while raw clients watch"]],
     )
@@ -203,7 +203,7 @@ def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
     # longer one is only announced. (Xvnc cannot fetch an X selection sent in INCR pieces,
     # above about 256 KiB, so the default 1 MiB could not show this.)
     small, large = "s" * 900, "L" * 1100
-    got, notified = copies_to_a_client_without_caps(limited_daphne, session, container, [small, large])
+    got, notified = copies_to_a_client_without_caps(limited_daphne, session, container, small, large)
     assert (got, notified) == ([small], 1)
 
     # Scale instead (remembered): after a reload the desktop keeps its size whatever the window.
@@ -243,6 +243,8 @@ class RawRFB:
         self.send, self._recv, self.buf = send, recv, b""
         self.answer_caps = answer_caps  # False: announce the extended clipboard, never send Caps
         self.notified = 0  # extended Notify messages the server sent us
+        self.server_caps = False  # the server's Caps arrived (its answer to our SetEncodings)
+        self.error: Exception | None = None
         self.offered = None  # the text our Provide answers a Request with
         self.got: list[str] = []  # clipboard texts the server sent us
         self._read(12)
@@ -281,7 +283,15 @@ class RawRFB:
         return self.cut_text(PROVIDE | TEXT, zlib.compress(struct.pack(">I", len(data)) + data))
 
     def serve(self, stop: threading.Event) -> None:
-        """Answer server messages until stopped: caps, requests, clipboard, screen updates."""
+        """Answer server messages until stopped: caps, requests, clipboard, screen updates
+        (what ends it early is kept in ``error``)."""
+        try:
+            self._serve(stop)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def _serve(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 kind = self._read(1)[0]
@@ -306,6 +316,7 @@ class RawRFB:
                     continue
                 (flags,) = struct.unpack(">I", body[:4])
                 if flags & CAPS:
+                    self.server_caps = True
                     if self.answer_caps:
                         self.send(self.cut_text(CAPS | REQUEST | NOTIFY | PROVIDE | TEXT, struct.pack(">I", 1 << 20)))
                 elif flags & REQUEST and self.offered is not None:
@@ -330,10 +341,12 @@ def relay_transport(cp, session_id, token):
     return ws, ws.send, recv
 
 
-def exchange_with_raw_clients(cp, session, container, direct: bool):
+def exchange_with_raw_clients(cp, session, container, direct: bool, crosses: bool = False):
     """Raw clients (through the relay; and straight at Xvnc's port if ``direct``) each
     paste a text, then the desktop copies one: (the desktop's clipboard once the pastes
-    are in or refused, what each client received)."""
+    are in or refused, what each client received). ``crosses``: the clipboard is on, so
+    wait (at most 15 s, on a loaded machine) until a paste lands and every client got the
+    copy; otherwise give each 2 s."""
     ws, send, recv = relay_transport(cp, session.pk, jwt(cp, "alice", ALICE_PASSWORD))
     clients = [RawRFB(send, recv, session.vnc_password)]
     sock = None
@@ -350,12 +363,15 @@ def exchange_with_raw_clients(cp, session, container, direct: bool):
         clients[0].paste("pasted by raw client 0")
         if direct:
             clients[1].paste("pasted by raw client 1")
-        # A paste lands at once (Xvnc owns the selection and asks the client when read):
-        # give it 2 s, then read.
-        time.sleep(2)
-        pasted = xclip(container, "-o")
+        # A paste lands at once (Xvnc owns the selection and asks the client when read).
+        offered = {c.offered for c in clients}
+        deadline = time.monotonic() + (15 if crosses else 2)
+        while (pasted := xclip(container, "-o")) not in offered and time.monotonic() < deadline:
+            time.sleep(0.2)
         xclip(container, stdin="copied while raw clients watch")
-        time.sleep(2)  # what the clients receive, they receive within this
+        deadline = time.monotonic() + (15 if crosses else 2)
+        while not all(c.got for c in clients) and time.monotonic() < deadline:
+            time.sleep(0.2)
         return pasted, [c.got for c in clients]
     finally:
         stop.set()
@@ -366,22 +382,30 @@ def exchange_with_raw_clients(cp, session, container, direct: bool):
             sock.close()
 
 
-def copies_to_a_client_without_caps(cp, session, container, texts: list[str]) -> tuple[list[str], int]:
+def copies_to_a_client_without_caps(cp, session, container, small: str, large: str) -> tuple[list[str], int]:
     """A raw client through the relay announces the extended clipboard and never sends
-    Caps (TigerVNC then assumes 20 MiB unasked); the desktop copies each text in turn:
-    (the texts the client received, how many Notify it got)."""
+    Caps (TigerVNC then assumes 20 MiB unasked); the desktop copies ``small``, then
+    ``large``: (the texts the client received, how many Notify it got). Xvnc answers
+    each copy with a Provide or a Notify, so each wait ends with its answer."""
     ws, send, recv = relay_transport(cp, session.pk, jwt(cp, "alice", ALICE_PASSWORD))
     client = RawRFB(send, recv, session.vnc_password, answer_caps=False)
     stop = threading.Event()
     thread = threading.Thread(target=client.serve, args=(stop,), daemon=True)
     thread.start()
+
+    def copy(text):  # long texts do not fit an exec's argument: made in the desktop by a pipe
+        command = f"head -c {len(text)} /dev/zero | tr '\\0' {text[0]!r} | xclip -selection clipboard -i"
+        container.exec_run(["sh", "-c", f"{command} >/dev/null 2>&1"], user="1000", environment={"DISPLAY": ":1"})
+
     try:
-        time.sleep(1)
-        for text in texts:
-            # Long texts do not fit an exec's argument: made in the desktop by a pipe.
-            command = f"head -c {len(text)} /dev/zero | tr '\\0' {text[0]!r} | xclip -selection clipboard -i"
-            container.exec_run(["sh", "-c", f"{command} >/dev/null 2>&1"], user="1000", environment={"DISPLAY": ":1"})
-            time.sleep(2)  # what the client receives, it receives within this
+        # Xvnc answers SetEncodings with its Caps; the relay's follow them on the same stream.
+        wait_for(lambda: client.server_caps or client.error, 15, 0.1, what="Xvnc's Caps")
+        assert client.error is None, (repr(client.error), container.logs(tail=60).decode(errors="replace")[-3000:])
+        time.sleep(0.3)
+        copy(small)
+        wait_for(lambda: client.got or client.notified, 15, 0.1, what="Xvnc's answer to the short copy")
+        copy(large)
+        wait_for(lambda: len(client.got) + client.notified > 1, 15, 0.1, what="Xvnc's answer to the long copy")
         return client.got, client.notified
     finally:
         stop.set()
