@@ -16,8 +16,9 @@ class TemplateSerializer(serializers.ModelSerializer):
         model = Template
         fields = [
             "slug", "name", "description", "image", "default_cpu", "default_memory_mb", "platform", "region",
-            "egress", "egress_allow", "sound",
+            "egress", "egress_allow", "sound", "clipboard_to_desktop", "clipboard_to_browser",
         ]  # fmt: skip
+        read_only_fields = fields
 
 
 class LifecycleWarningSerializer(serializers.Serializer):

@@ -11,6 +11,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from agent_clients.protocol import TUNNEL_WINDOW
 from streamspace.env import env_bool, env_choice, env_float, env_int, env_list, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -190,7 +191,16 @@ SESSION_IDLE_WARNING = env_seconds("SESSION_IDLE_WARNING", 60, minimum=0)
 # idle timeout counts from the last write plus this, so input between writes is never missed.
 SESSION_ACTIVITY_INTERVAL = env_seconds("SESSION_ACTIVITY_INTERVAL", 10, minimum=0.1)
 # The most UTF-8 text one clipboard transfer carries, per direction (sessions_app.clipboard).
+# A paste goes on to the desktop in one piece (vnc_app.rfb), and the agent closes a tunnel
+# with more than TUNNEL_WINDOW bytes in flight: half the window leaves room for the rest.
+CLIPBOARD_MAX_TO_DESKTOP_CEILING = TUNNEL_WINDOW // 2
 CLIPBOARD_MAX_TO_DESKTOP = env_int("CLIPBOARD_MAX_TO_DESKTOP", 1024 * 1024, minimum=1)
+if CLIPBOARD_MAX_TO_DESKTOP > CLIPBOARD_MAX_TO_DESKTOP_CEILING:
+    raise ImproperlyConfigured(
+        f"CLIPBOARD_MAX_TO_DESKTOP must be at most {CLIPBOARD_MAX_TO_DESKTOP_CEILING} bytes, got"
+        f" {CLIPBOARD_MAX_TO_DESKTOP}: a paste goes to the desktop in one piece, and a tunnel carries"
+        f" at most {TUNNEL_WINDOW} bytes in flight (agent_clients.protocol.TUNNEL_WINDOW)"
+    )
 CLIPBOARD_MAX_TO_BROWSER = env_int("CLIPBOARD_MAX_TO_BROWSER", 1024 * 1024, minimum=1)
 
 # Per-user limits when no Quota row applies.

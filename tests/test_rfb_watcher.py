@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from vnc_app.rfb import CLIP_CAPS, CLIP_NOTIFY, CLIP_PROVIDE, CLIP_REQUEST, ClientStreamWatcher, ClipboardRules
+from vnc_app.rfb import (
+    CLIP_CAPS,
+    CLIP_NOTIFY,
+    CLIP_PEEK,
+    CLIP_PROVIDE,
+    CLIP_REQUEST,
+    ClientStreamWatcher,
+    ClipboardRules,
+)
 
 HANDSHAKE = b"RFB 003.008\n" + b"\x02" + b"r" * 16 + b"\x01"
 
@@ -256,6 +264,23 @@ def rewritten_caps(message: bytes, size: int) -> bytes:
     return message[:12] + struct.pack(">I", size) + message[16:]
 
 
+def synthetic_caps(size: int) -> bytes:
+    """The Caps the watcher sends after the SetEncodings that announce the extended clipboard."""
+    body = struct.pack(">II", CLIP_CAPS | CLIP_REQUEST | CLIP_NOTIFY | CLIP_PROVIDE | 1, size)
+    return b"\x06\x00\x00\x00" + struct.pack(">i", -len(body)) + body
+
+
+def as_relayed(messages: list[bytes], size: int) -> bytes:
+    """The capture as the watcher hands it on: the Caps say ``size``, and synthetic Caps
+    follow the (first) SetEncodings, which announce the extended clipboard."""
+    out = b""
+    for m in messages:
+        out += rewritten_caps(m, size) if (clip_flags(m) or 0) & CLIP_CAPS else m
+        if m[0] == 2 and m is next(x for x in messages if x[0] == 2):
+            out += synthetic_caps(size)
+    return out
+
+
 def test_the_capture_holds_what_the_brief_says_novnc_sends():
     kinds = Counter(m[0] for m in MESSAGES[1:])
     assert {251, 150, 248, 255, 6, 5} <= set(kinds), kinds
@@ -272,8 +297,7 @@ def test_the_real_novnc_stream_is_followed_to_its_end_and_handed_on(chunk):
         out += watcher.take()
     assert saw and not watcher.lost and watcher._stage == "messages" and not watcher._buf
     # Everything goes on untouched, but for the Caps: the text noVNC takes unasked is the limit.
-    expected = b"".join(rewritten_caps(m, TEXT_LIMIT) if (clip_flags(m) or 0) & CLIP_CAPS else m for m in MESSAGES)
-    assert out == expected
+    assert out == as_relayed(MESSAGES, TEXT_LIMIT)
     assert watcher.dropped_cut_texts == 0
 
 
@@ -287,7 +311,7 @@ def test_with_the_clipboard_to_the_desktop_off_its_notify_and_provide_are_droppe
 
     kept = [m for m in MESSAGES if not offers_text(m)]
     assert len(kept) == len(MESSAGES) - 4
-    assert watcher.take() == b"".join(rewritten_caps(m, TEXT_LIMIT) if clip_flags(m) else m for m in kept)
+    assert watcher.take() == as_relayed(kept, TEXT_LIMIT)
     assert watcher.feed(key_event()) and watcher.take() == key_event()  # still in step
 
 
@@ -343,3 +367,96 @@ def test_a_stream_that_cannot_be_followed_is_handed_on_untouched():
     watcher.feed(b"anything")
     assert watcher.lost and watcher.take() == b"RFB 003.003\n" + b"r" * 16 + b"anything"
     assert not watcher.rules.restricts and ClipboardRules(to_browser=False).restricts
+
+
+# --- bounds: nothing a viewer sends is buffered without a hard cap ---------------------------
+
+CAPS_HEADER = cut_text(b"")[:4]
+
+
+def test_a_caps_longer_than_any_valid_one_is_dropped_as_it_streams_not_buffered():
+    """Declared 16 MiB long, then streamed: the watcher holds none of it and stays in step."""
+    watcher = ClientStreamWatcher()
+    watcher.feed(HANDSHAKE)
+    watcher.take()
+    size = 16 << 20
+    watcher.feed(CAPS_HEADER + struct.pack(">i", -(size + 4)) + struct.pack(">I", CLIP_CAPS | 1))
+    chunk = key_event() * 8192
+    for _ in range(size // len(chunk)):
+        assert watcher.feed(chunk) is False
+        assert len(watcher._buf) < 100 and watcher.take() == b""
+    assert watcher.feed(key_event()) is True and watcher.take() == key_event()
+    assert watcher.dropped_cut_texts == 1 and not watcher.lost
+
+
+def bounds():
+    """Each message the watcher buffers whole, at its largest, and the most it may hold of it."""
+    rules = ClipboardRules(max_to_desktop=1000)
+    provide_bound = 8 + 4 + rules.max_to_desktop + 1024
+
+    def extended_header(flags, body_length):
+        return CAPS_HEADER + struct.pack(">iI", -body_length, flags | 1)
+
+    return rules, [
+        ("SetEncodings", b"\x02\x00\xff\xff", 4 + 4 * 0xFFFF),
+        ("ClientFence", b"\xf8\x00\x00\x00" + struct.pack(">I", 0) + b"\xff", 9 + 255),
+        ("SetDesktopSize", b"\xfb\x00" + struct.pack(">HH", 1, 1) + b"\xff\x00", 8 + 16 * 255),
+        ("Caps", extended_header(CLIP_CAPS | 0xFFFF, 68), 8 + 68),
+        ("Caps too long", extended_header(CLIP_CAPS, 1 << 24), 12),
+        ("Provide", extended_header(CLIP_PROVIDE, provide_bound - 8), provide_bound),
+        ("Provide too long", extended_header(CLIP_PROVIDE, 1 << 24), 12),
+        ("Notify|Provide", extended_header(CLIP_NOTIFY | CLIP_PROVIDE, 1 << 24), 12),
+        ("legacy", CAPS_HEADER + struct.pack(">I", 1 << 24), 8),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [b[0] for b in bounds()[1]])
+def test_every_message_held_whole_has_a_hard_cap(name):
+    rules, cases = bounds()
+    header, bound = next((h, b) for n, h, b in cases if n == name)
+    watcher = ClientStreamWatcher(rules)
+    watcher.feed(HANDSHAKE + header)
+    most = 0
+    for _ in range(300):  # 300 x 1 KiB of zeros, more than any bound but the 256 KiB SetEncodings
+        watcher.feed(bytes(1024))
+        most = max(most, len(watcher._buf))
+    assert most <= bound and not watcher.lost
+
+
+def test_notify_and_provide_together_is_no_action_xvnc_knows_and_is_dropped():
+    """TigerVNC dispatches Provide, Request, Peek and Notify by equality (and closes the
+    connection on any other action); a paste flagged Notify|Provide never crosses."""
+    watcher = ClientStreamWatcher()
+    both = cut_text(struct.pack(">I", CLIP_NOTIFY | CLIP_PROVIDE | 1) + b"\x00" * 20, extended=True)
+    unknown = cut_text(struct.pack(">I", (1 << 29) | 1), extended=True)
+    peek = cut_text(struct.pack(">I", CLIP_PEEK), extended=True)
+    watcher.feed(HANDSHAKE + both + unknown + peek + key_event())
+    assert watcher.take() == HANDSHAKE + peek + key_event()
+    assert watcher.dropped_cut_texts == 2
+
+
+def caps_message(flags, *sizes):
+    body = struct.pack(">I", flags) + b"".join(struct.pack(">I", s) for s in sizes)
+    return cut_text(body, extended=True)
+
+
+def test_announcing_the_extended_clipboard_gets_caps_with_the_limit_before_the_viewer_says_any():
+    """Xvnc assumes 20 MiB of text unasked for a viewer that announces the extended
+    clipboard and never sends Caps: the watcher says the limit right after SetEncodings."""
+    watcher = ClientStreamWatcher(ClipboardRules(max_to_browser=5000))
+    announce = set_encodings(7, -1063131698)
+    watcher.feed(HANDSHAKE + announce + key_event() + announce)
+    synthetic = caps_message(CLIP_CAPS | CLIP_REQUEST | CLIP_NOTIFY | CLIP_PROVIDE | 1, 5000)
+    assert watcher.take() == HANDSHAKE + announce + synthetic + key_event() + announce  # once
+    watcher = ClientStreamWatcher(ClipboardRules(to_browser=False))
+    watcher.feed(HANDSHAKE + set_encodings(7))
+    watcher.feed(announce)
+    assert watcher.take().endswith(announce + synthetic[:12] + struct.pack(">I", 0))
+
+
+def test_caps_that_leave_out_text_get_it_with_the_limit():
+    """Xvnc keeps its 20 MiB default for a format the Caps do not list."""
+    watcher = ClientStreamWatcher(ClipboardRules(max_to_browser=5000))
+    watcher.feed(HANDSHAKE + caps_message(CLIP_CAPS | CLIP_PROVIDE | 0b110, 7, 9) + caps_message(CLIP_CAPS | 1))
+    assert watcher.take() == HANDSHAKE + caps_message(CLIP_CAPS | CLIP_PROVIDE | 0b111, 5000, 7, 9)
+    assert watcher.dropped_cut_texts == 1  # the second lists text but carries no size

@@ -25,18 +25,30 @@ a client may send it only after announcing the pseudo-encoding -316 in SetEncodi
 without that announcement the top bit is button 8 of a plain 6-byte event.
 
 Clipboard (the extended clipboard of noVNC and TigerVNC: a ClientCutText with a negative
-length, then 4 bytes of flags: actions in the top byte, formats in the low ones). The
-watcher hands on (``take``) only what may cross; it holds back the bytes of a message
-until the message is whole (small ones; a cut text it lets through streams on at once):
+length, then 4 bytes of flags: actions in the top byte, formats in the low ones; the
+action is read as TigerVNC's SMsgReader::readExtendedClipboard reads it: Caps by its bit,
+Provide, Request, Peek and Notify by equality, and any other action, which Xvnc would
+close the connection on, is dropped). The watcher hands on (``take``) only what may cross:
 
 - to the desktop off: every cut text, legacy or extended Notify or Provide, is dropped;
   on: a legacy cut text longer than ``max_to_desktop`` is dropped as it streams, and an
   extended Provide is inflated (at most the limit) and dropped if its text is longer.
 - to the browser: the viewer's extended Caps get the limit as the text size they accept
-  unasked (noVNC says 0: "never unasked"), and every extended Request is dropped. So
-  Xvnc sends a clipboard by itself only when it fits the limit, and only announces a
-  larger one, which nobody can then ask for (TigerVNC's SConnection::announceClipboard).
-  Off: the same, with a limit of 0, so nothing is ever sent (Xvnc's -SendCutText=0 too).
+  unasked (noVNC says 0: "never unasked"; Caps that leave text out get it added, as Xvnc
+  keeps 20 MiB for a format not listed), and every extended Request is dropped. A viewer
+  that announces the extended clipboard in SetEncodings gets Caps with the limit sent
+  for it right after them (Xvnc assumes 20 MiB unasked until the viewer's own Caps
+  arrive, and a viewer may never send any). So Xvnc sends a clipboard by itself only
+  when it fits the limit, and only announces a larger one, which nobody can then ask
+  for (TigerVNC's SConnection::announceClipboard). Off: the same, with a limit of 0, so
+  nothing is ever sent (Xvnc's -SendCutText=0 too).
+
+What is held back until it is whole, and its bound (every other message, and a cut text
+that is let through or dropped, streams on as its bytes arrive): a fixed-length message
+(at most 20 bytes), SetEncodings (at most 4 + 4 x 65535 bytes), a fence (264), a
+SetDesktopSize (4088), a Caps (at most 8 + 68 bytes; a longer one is no valid Caps and is
+dropped as it streams), and an extended Provide that may cross (at most 12 bytes +
+``max_to_desktop`` + PROVIDE_SLACK; a longer one is dropped as it streams).
 
 What cannot be followed (RFB 3.3, where the server alone picks the security type; a
 security type that wraps the stream, such as VeNCrypt's TLS; a message type or QEMU
@@ -74,7 +86,13 @@ _HEADER = {SET_ENCODINGS: 4, CLIENT_CUT_TEXT: 8, POINTER_EVENT: 2, CLIENT_FENCE:
 
 # Extended clipboard flags (top byte: actions; low bytes: formats, bit 0 = UTF-8 text).
 CLIP_CAPS, CLIP_REQUEST, CLIP_PEEK, CLIP_NOTIFY, CLIP_PROVIDE = 1 << 24, 1 << 25, 1 << 26, 1 << 27, 1 << 28
+CLIP_ACTIONS = 0xFF000000
 CLIP_TEXT = 1
+ENCODING_EXTENDED_CLIPBOARD = -1063131698  # 0xC0A1E5CE
+MAX_CAPS = 4 + 4 * 16  # a Caps body: its flags, then one size per format listed (16 at most)
+# What the relay says for a viewer that announces the extended clipboard: until its own
+# Caps arrive, Xvnc would assume these actions and 20 MiB of text taken unasked.
+SYNTHETIC_CAPS_ACTIONS = CLIP_CAPS | CLIP_REQUEST | CLIP_NOTIFY | CLIP_PROVIDE
 PROVIDE_SLACK = 1024  # deflate may grow incompressible text a little; beyond this it is too long anyway
 
 
@@ -106,6 +124,7 @@ class ClientStreamWatcher:
         self._skip = 0  # bytes of a long cut text still to come, passed or dropped as they arrive
         self._skip_passes = False
         self._extended_pointer = False  # the viewer announced ExtendedMouseButtons
+        self._caps_said = False  # Caps were sent for a viewer that announced the extended clipboard
         self.lost = False  # True once the stream can no longer be followed
         self.dropped_cut_texts = 0  # clipboard messages the rules held back
 
@@ -185,8 +204,12 @@ class ClientStreamWatcher:
         if message is None:
             return None
         if kind == SET_ENCODINGS:
-            count = (length - 4) // 4
-            self._extended_pointer = ENCODING_EXTENDED_MOUSE_BUTTONS in struct.unpack_from(f">{count}i", message, 4)
+            encodings = struct.unpack_from(f">{(length - 4) // 4}i", message, 4)
+            self._extended_pointer = ENCODING_EXTENDED_MOUSE_BUTTONS in encodings
+            if ENCODING_EXTENDED_CLIPBOARD in encodings and not self._caps_said:
+                # Xvnc's default for such a viewer is 20 MiB unasked: say the limit at once.
+                self._caps_said = True
+                self._out += self._caps(struct.pack(">I", SYNTHETIC_CAPS_ACTIONS | CLIP_TEXT) + bytes(4))
         return kind in (KEY_EVENT, POINTER_EVENT, QEMU)
 
     def _cut_text(self, length: int) -> bool | None:
@@ -199,22 +222,21 @@ class ClientStreamWatcher:
         if len(buf) < 12:
             return None
         flags = struct.unpack_from(">I", buf, 8)[0]
-        if flags & CLIP_CAPS:
+        action = flags & CLIP_ACTIONS
+        # Dispatched as TigerVNC's SMsgReader::readExtendedClipboard does: Caps by its bit,
+        # every other action by equality (Xvnc closes the connection on any other value).
+        if action & CLIP_CAPS:
+            if length - 8 > MAX_CAPS:
+                return self._stream(length, False)  # no valid Caps is this long: never buffered
             if len(buf) < length:
                 return None
-            message = bytearray(self._drop(length))
-            if flags & CLIP_TEXT and length >= 16:
-                # The text size the viewer accepts unasked: at most the limit (0 when off).
-                limit = rules.max_to_browser if rules.to_browser else 0
-                asked = struct.unpack_from(">I", message, 12)[0]
-                struct.pack_into(">I", message, 12, min(asked, limit) if asked else limit)
-            self._out += message
+            caps = self._caps(self._drop(length)[8:])
+            if caps is None:
+                self.dropped_cut_texts += 1
+            else:
+                self._out += caps
             return False
-        if flags & CLIP_REQUEST:
-            return self._stream(length, False)
-        if flags & CLIP_NOTIFY:
-            return self._stream(length, rules.to_desktop)
-        if flags & CLIP_PROVIDE:
+        if action == CLIP_PROVIDE:
             if not rules.to_desktop or length - 12 > rules.max_to_desktop + PROVIDE_SLACK:
                 return self._stream(length, False)
             if len(buf) < length:
@@ -225,7 +247,25 @@ class ClientStreamWatcher:
             else:
                 self.dropped_cut_texts += 1
             return False
-        return self._stream(length, True)  # Peek, or actions this watcher has no rule for
+        if action == CLIP_NOTIFY:
+            return self._stream(length, rules.to_desktop)
+        if action == CLIP_PEEK:
+            return self._stream(length, True)  # asks the desktop to announce its clipboard
+        return self._stream(length, False)  # a Request, or an action Xvnc does not know
+
+    def _caps(self, body: bytes) -> bytes | None:
+        """The viewer's Caps as they go on: the UTF-8 text size the viewer takes unasked is
+        at most the limit (0 when off), text listed or not (Xvnc keeps its default of 20 MiB
+        for a format the Caps leave out). None if the sizes are missing (Xvnc would close)."""
+        flags = struct.unpack_from(">I", body)[0]
+        formats = [i for i in range(16) if flags & (1 << i)]
+        if len(body) < 4 + 4 * len(formats):
+            return None
+        sizes = dict(zip(formats, struct.unpack_from(f">{len(formats)}I", body, 4), strict=True))
+        limit = self.rules.max_to_browser if self.rules.to_browser else 0
+        asked = sizes.get(0, 0)
+        sizes[0] = min(asked, limit) if asked else limit
+        return _extended(flags | CLIP_TEXT, [sizes[i] for i in sorted(sizes)])
 
     def _stream(self, length: int, passes: bool) -> bool:
         """Hand on (or drop) a message of this length as its bytes arrive, never buffering it."""
@@ -269,6 +309,12 @@ class ClientStreamWatcher:
         if buf[1] != QEMU_EXTENDED_KEY_EVENT:
             raise _Unfollowable(f"unknown QEMU client submessage {buf[1]}")
         return 12
+
+
+def _extended(flags: int, values: list[int]) -> bytes:
+    """An extended clipboard message: a ClientCutText of negative length, flags, then values."""
+    body = struct.pack(f">I{len(values)}I", flags, *values)
+    return struct.pack(">Bxxxi", CLIENT_CUT_TEXT, -len(body)) + body
 
 
 def _provided_text_fits(deflated: bytes, flags: int, limit: int) -> bool:

@@ -13,6 +13,7 @@
 // What happened is kept in window.streamspaceViewer.clipboard for tests.
 
 const encoder = new TextEncoder();
+const CAPS_WAIT_MS = 2000;
 const bytes = (text) => encoder.encode(text).length;
 
 export function setupClipboard(config, viewer, getRfb) {
@@ -24,7 +25,10 @@ export function setupClipboard(config, viewer, getRfb) {
   const note = document.getElementById("viewer-clipboard-note");
   const state = { fromDesktop: null, written: null, sent: null, error: "" };
   viewer.clipboard = state;
-  if (!rules.to_desktop && !rules.to_browser) return { connected() {} };
+  if (!rules.to_desktop && !rules.to_browser) return { attach() {} };
+  // The RFB client once its handshake is done: noVNC drops a paste before that
+  // (clipboardPasteFrom returns unless connected), so nothing counts as sent until then.
+  let live = null;
 
   button.hidden = false;
   send.hidden = !rules.to_desktop;
@@ -46,7 +50,7 @@ export function setupClipboard(config, viewer, getRfb) {
 
   function sendText(text, how) {
     const rfb = getRfb();
-    if (!rfb || !rules.to_desktop || text === state.sent || text === state.fromDesktop) return false;
+    if (!rfb || rfb !== live || !rules.to_desktop || text === state.sent || text === state.fromDesktop) return false;
     if (bytes(text) > rules.max_to_desktop) {
       state.error = "too long";
       tell(`Not sent: ${bytes(text)} bytes; this desktop takes at most ${rules.max_to_desktop}.`);
@@ -107,10 +111,24 @@ export function setupClipboard(config, viewer, getRfb) {
   }
 
   return {
-    connected(client) {
+    // A new RFB client (called right after new RFB, before its handshake).
+    attach(client) {
       client.addEventListener("clipboard", fromDesktop);
-      state.sent = null; // a new desktop connection: the desktop's clipboard may differ
-      readBrowserClipboard();
+      client.addEventListener("connect", async () => {
+        live = client;
+        state.sent = null; // a new desktop connection: the desktop's clipboard may differ
+        // Xvnc's extended clipboard Caps come one round trip after the handshake; a paste
+        // before them goes the legacy way, in Latin-1. Wait for them (noVNC 1.7 keeps them
+        // in _clipboardServerCapabilitiesFormats), at most CAPS_WAIT_MS.
+        for (let waited = 0; waited < CAPS_WAIT_MS && live === client; waited += 50) {
+          if ((client._clipboardServerCapabilitiesFormats || {})[1]) break;
+          await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+        if (live === client) readBrowserClipboard();
+      });
+      client.addEventListener("disconnect", () => {
+        if (live === client) live = null;
+      });
     },
   };
 }

@@ -266,7 +266,7 @@ async function connect() {
   rfb = client;
   applyFit(client);
   client.focusOnClick = true;
-  clipboard.connected(client);
+  clipboard.attach(client);
 
   let goodTimer = null;
   let watchTimer = null;

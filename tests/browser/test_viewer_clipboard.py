@@ -35,6 +35,7 @@ pytestmark = [
 
 NON_ASCII = "Grüße aus Köln · 東京 · ✓ — ½"
 PASTED = "Ça marche: Δ→ζ 🙂"
+BEFORE_OPEN = "copié avant l'ouverture ✓"
 EXTENDED_CLIPBOARD = -1063131698  # 0xC0A1E5CE
 DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE = -223, -308
 CAPS, REQUEST, NOTIFY, PROVIDE, TEXT = 1 << 24, 1 << 25, 1 << 27, 1 << 28, 1
@@ -107,25 +108,43 @@ def wait_desktop_follows(page, container, session, timeout: float = 15) -> tuple
     return tuple(seen["xvnc"])
 
 
-def open_viewer(new_context, base, session_id, **context_args):
+def open_viewer(new_context, base, session_id, clipboard_text=None, **context_args):
+    """A logged-in viewer page, connected; ``clipboard_text`` is put in the browser's
+    clipboard before the viewer opens."""
     ctx = new_context("alice", permissions=["clipboard-read", "clipboard-write"], **context_args)
     ctx.add_init_script(RECORD_SENT)
     page = ctx.new_page()
     login(page, base, "alice", ALICE_PASSWORD)
+    if clipboard_text is not None:
+        page.evaluate(f"navigator.clipboard.writeText({clipboard_text!r})")
     page.goto(f"{base}/vnc-viewer/{session_id}")
     page.wait_for_function(VIEWER_CONNECTED, timeout=30_000)
     return ctx, page
 
 
+@pytest.fixture(scope="module")
+def limited_daphne(django_db_setup, django_db_blocker):
+    """A Daphne on the same database and channel layer allowing 1000 bytes to the browser."""
+    from tests.live import ControlPlane
+
+    cp = ControlPlane("daphne-clipb", CLIPBOARD_MAX_TO_BROWSER="1000").start()
+    yield cp
+    cp.stop()
+
+
 def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
-    control_plane, control_plane_b, docker_agent, docker_client, desktop_template, alice, new_context
+    limited_daphne, control_plane, control_plane_b, docker_agent, docker_client, desktop_template, alice, new_context
 ):
     from sessions_app.models import Session
 
     session_id = start_session(control_plane, "desktop")
     session = Session.objects.get(pk=session_id)
     container = container_of(docker_client, session_id)
-    ctx, page = open_viewer(new_context, control_plane_b.http_url, session_id)
+    ctx, page = open_viewer(new_context, control_plane_b.http_url, session_id, clipboard_text=BEFORE_OPEN)
+
+    # Browser -> desktop on connect: what the browser's clipboard held before the viewer
+    # opened is sent once the RFB handshake is done (noVNC drops a paste before it).
+    wait_for(lambda: xclip(container, "-o") == BEFORE_OPEN, 10, 0.2, what="the clipboard of before in the desktop's")
 
     # Resize to the window: on open, then when the window changes (noVNC debounces it).
     opened = wait_desktop_follows(page, container, session)
@@ -174,10 +193,18 @@ def test_clipboard_both_ways_and_the_desktop_follows_the_window_and_the_phone(
 
     # A client other than the page, through the relay: it gets the desktop's copies and
     # its paste lands (the control for the template with the clipboard off, below).
-    assert exchange_with_raw_clients(control_plane_b, session, container, direct=False) == (
+    assert exchange_with_raw_clients(control_plane_b, session, container, direct=False, crosses=True) == (
         "pasted by raw client 0",
         [["copied while raw clients watch"]],
     )
+
+    # A client that announces the extended clipboard but never sends Caps is held to the
+    # limit to the browser too (1000 bytes on this Daphne): a copy within it arrives, a
+    # longer one is only announced. (Xvnc cannot fetch an X selection sent in INCR pieces,
+    # above about 256 KiB, so the default 1 MiB could not show this.)
+    small, large = "s" * 900, "L" * 1100
+    got, notified = copies_to_a_client_without_caps(limited_daphne, session, container, small, large)
+    assert (got, notified) == ([small], 1)
 
     # Scale instead (remembered): after a reload the desktop keeps its size whatever the window.
     page.click("#viewer-fit")
@@ -212,8 +239,12 @@ class RawRFB:
     """An RFB client on a byte transport (the relay's socket, or the container's port)
     that speaks the extended clipboard like noVNC and answers the server's requests."""
 
-    def __init__(self, send, recv, password: str):
+    def __init__(self, send, recv, password: str, answer_caps: bool = True):
         self.send, self._recv, self.buf = send, recv, b""
+        self.answer_caps = answer_caps  # False: announce the extended clipboard, never send Caps
+        self.notified = 0  # extended Notify messages the server sent us
+        self.server_caps = False  # the server's Caps arrived (its answer to our SetEncodings)
+        self.error: Exception | None = None
         self.offered = None  # the text our Provide answers a Request with
         self.got: list[str] = []  # clipboard texts the server sent us
         self._read(12)
@@ -252,7 +283,15 @@ class RawRFB:
         return self.cut_text(PROVIDE | TEXT, zlib.compress(struct.pack(">I", len(data)) + data))
 
     def serve(self, stop: threading.Event) -> None:
-        """Answer server messages until stopped: caps, requests, clipboard, screen updates."""
+        """Answer server messages until stopped: caps, requests, clipboard, screen updates
+        (what ends it early is kept in ``error``)."""
+        try:
+            self._serve(stop)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    def _serve(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 kind = self._read(1)[0]
@@ -277,10 +316,13 @@ class RawRFB:
                     continue
                 (flags,) = struct.unpack(">I", body[:4])
                 if flags & CAPS:
-                    self.send(self.cut_text(CAPS | REQUEST | NOTIFY | PROVIDE | TEXT, struct.pack(">I", 1 << 20)))
+                    self.server_caps = True
+                    if self.answer_caps:
+                        self.send(self.cut_text(CAPS | REQUEST | NOTIFY | PROVIDE | TEXT, struct.pack(">I", 1 << 20)))
                 elif flags & REQUEST and self.offered is not None:
                     self.send(self.provide(self.offered))
                 elif flags & NOTIFY and flags & TEXT:
+                    self.notified += 1
                     self.send(self.cut_text(REQUEST | TEXT))
                 elif flags & PROVIDE:
                     raw = zlib.decompressobj().decompress(body[4:])  # a zlib stream, never finished
@@ -299,10 +341,12 @@ def relay_transport(cp, session_id, token):
     return ws, ws.send, recv
 
 
-def exchange_with_raw_clients(cp, session, container, direct: bool):
+def exchange_with_raw_clients(cp, session, container, direct: bool, crosses: bool = False):
     """Raw clients (through the relay; and straight at Xvnc's port if ``direct``) each
     paste a text, then the desktop copies one: (the desktop's clipboard once the pastes
-    are in or refused, what each client received)."""
+    are in or refused, what each client received). ``crosses``: the clipboard is on, so
+    wait (at most 15 s, on a loaded machine) until a paste lands and every client got the
+    copy; otherwise give each 2 s."""
     ws, send, recv = relay_transport(cp, session.pk, jwt(cp, "alice", ALICE_PASSWORD))
     clients = [RawRFB(send, recv, session.vnc_password)]
     sock = None
@@ -319,12 +363,15 @@ def exchange_with_raw_clients(cp, session, container, direct: bool):
         clients[0].paste("pasted by raw client 0")
         if direct:
             clients[1].paste("pasted by raw client 1")
-        # A paste lands at once (Xvnc owns the selection and asks the client when read):
-        # give it 2 s, then read.
-        time.sleep(2)
-        pasted = xclip(container, "-o")
+        # A paste lands at once (Xvnc owns the selection and asks the client when read).
+        offered = {c.offered for c in clients}
+        deadline = time.monotonic() + (15 if crosses else 2)
+        while (pasted := xclip(container, "-o")) not in offered and time.monotonic() < deadline:
+            time.sleep(0.2)
         xclip(container, stdin="copied while raw clients watch")
-        time.sleep(2)  # what the clients receive, they receive within this
+        deadline = time.monotonic() + (15 if crosses else 2)
+        while not all(c.got for c in clients) and time.monotonic() < deadline:
+            time.sleep(0.2)
         return pasted, [c.got for c in clients]
     finally:
         stop.set()
@@ -333,6 +380,37 @@ def exchange_with_raw_clients(cp, session, container, direct: bool):
         ws.close()
         if sock:
             sock.close()
+
+
+def copies_to_a_client_without_caps(cp, session, container, small: str, large: str) -> tuple[list[str], int]:
+    """A raw client through the relay announces the extended clipboard and never sends
+    Caps (TigerVNC then assumes 20 MiB unasked); the desktop copies ``small``, then
+    ``large``: (the texts the client received, how many Notify it got). Xvnc answers
+    each copy with a Provide or a Notify, so each wait ends with its answer."""
+    ws, send, recv = relay_transport(cp, session.pk, jwt(cp, "alice", ALICE_PASSWORD))
+    client = RawRFB(send, recv, session.vnc_password, answer_caps=False)
+    stop = threading.Event()
+    thread = threading.Thread(target=client.serve, args=(stop,), daemon=True)
+    thread.start()
+
+    def copy(text):  # long texts do not fit an exec's argument: made in the desktop by a pipe
+        command = f"head -c {len(text)} /dev/zero | tr '\\0' {text[0]!r} | xclip -selection clipboard -i"
+        container.exec_run(["sh", "-c", f"{command} >/dev/null 2>&1"], user="1000", environment={"DISPLAY": ":1"})
+
+    try:
+        # Xvnc answers SetEncodings with its Caps; the relay's follow them on the same stream.
+        wait_for(lambda: client.server_caps or client.error, 15, 0.1, what="Xvnc's Caps")
+        assert client.error is None, (repr(client.error), container.logs(tail=60).decode(errors="replace")[-3000:])
+        time.sleep(0.3)
+        copy(small)
+        wait_for(lambda: client.got or client.notified, 15, 0.1, what="Xvnc's answer to the short copy")
+        copy(large)
+        wait_for(lambda: len(client.got) + client.notified > 1, 15, 0.1, what="Xvnc's answer to the long copy")
+        return client.got, client.notified
+    finally:
+        stop.set()
+        thread.join(5)
+        ws.close()
 
 
 def test_a_template_with_the_clipboard_off_lets_nothing_cross(

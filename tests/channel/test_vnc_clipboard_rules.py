@@ -34,14 +34,16 @@ def legacy(text: bytes) -> bytes:
     return struct.pack(">BxxxI", 6, len(text)) + text
 
 
-def relayed(cp, user, template, stream: bytes) -> bytes:
-    """What reaches the agent of ``stream`` (which must end with a key event)."""
+def relayed(cp, user, template, stream: bytes | list[bytes]) -> bytes:
+    """What reaches the agent of ``stream`` (which must end with a key event), sent in one
+    WebSocket message or one per item of a list."""
     agent = online_agent(cp)
     session = running_session(user, template)
     ws = viewer(cp, session.pk, jwt(user))
     tunnel = agent.expect("tunnel_open")["payload"]["tunnel_id"]
     agent.send("tunnel_ready", {"tunnel_id": tunnel})
-    ws.send(stream)
+    for message in [stream] if isinstance(stream, bytes) else stream:
+        ws.send(message)
     got = b""
     while not got.endswith(KEY):
         got += protocol.unpack_data(agent.expect("binary")["bytes"])[1]
@@ -78,3 +80,27 @@ def test_the_operators_limit_drops_longer_pastes_and_lets_shorter_ones_through(l
     caps = extended(1 << 24 | REQUEST | NOTIFY | PROVIDE, struct.pack(">I", 0))
     got = relayed(limited_control_plane, alice, desktop, HANDSHAKE + too_long + fits + caps + KEY)
     assert got == HANDSHAKE + fits + caps[:12] + struct.pack(">I", 64) + KEY
+
+
+EXTENDED_CLIPBOARD, CAPS = -1063131698, 1 << 24  # the pseudo-encoding 0xC0A1E5CE; the Caps action
+
+
+def test_a_viewer_that_announces_the_extended_clipboard_is_held_to_the_limit_without_sending_caps(
+    limited_control_plane, alice
+):
+    """Xvnc would send such a viewer up to 20 MiB unasked until it sends Caps (which it
+    need never do): the relay sends Caps with the operator's limit right after SetEncodings."""
+    desktop = Template.objects.create(slug="desktop", name="Desktop", image="img:1")
+    encodings = struct.pack(">BxHii", 2, 2, 7, EXTENDED_CLIPBOARD)
+    got = relayed(limited_control_plane, alice, desktop, HANDSHAKE + encodings + KEY)
+    assert got == HANDSHAKE + encodings + extended(CAPS | REQUEST | NOTIFY | PROVIDE, struct.pack(">I", 64)) + KEY
+
+
+def test_caps_declared_megabytes_long_are_dropped_as_they_stream(control_plane, alice):
+    """No valid Caps is longer than 76 bytes: 8 MiB of them, sent in 256 KiB messages, never
+    reach the desktop nor pile up in the relay, and the key after them arrives."""
+    desktop = Template.objects.create(slug="desktop", name="Desktop", image="img:1")
+    size = 8 << 20
+    chunks = [HANDSHAKE + struct.pack(">Bxxxi", 6, -(size + 4)) + struct.pack(">I", CAPS | 1)]
+    chunks += [bytes(256 << 10)] * (size // (256 << 10)) + [KEY]
+    assert relayed(control_plane, alice, desktop, chunks) == HANDSHAKE + KEY
