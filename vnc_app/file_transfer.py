@@ -231,6 +231,8 @@ class Transfer:
                 await self._error(exc.status, exc.error, exc.detail)
             else:
                 log.warning("file %s %s of %s broke off: %s", t.op, t.path, t.session_id, exc.detail)
+                await self._record("failed", detail)
+                self._abort()
         except ClientGone:
             detail = "the client went away"
         finally:
@@ -327,6 +329,14 @@ class Transfer:
             self.moved += len(piece)
 
     # --- responses -------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """The headers (with Content-Length) are out but the body cannot be completed: drop
+        the connection so the client sees a truncated transfer instead of waiting forever."""
+        if self.flow is not None and hasattr(self.flow, "abort"):
+            self.flow.abort()
+        else:  # another ASGI server: an exception after the response started drops the connection
+            raise ConnectionAbortedError("the transfer broke off after its headers")
 
     async def _json(self, status: int, body: dict, *, close: bool = False) -> None:
         raw = json.dumps(body).encode()
