@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import uuid
 
 import pytest
@@ -186,3 +187,27 @@ def test_over_size_is_413_before_a_byte_and_a_broken_upload_leaves_nothing(runni
         assert r.status_code == 201, r.text
     finally:
         small.stop()
+
+
+def test_a_download_whose_desktop_dies_midway_ends_the_clients_read_with_an_error_and_the_row_failed(
+    running, control_plane_b, docker_client, alice
+):
+    """Once the 200 and its Content-Length are out, a failure cannot change the status: the
+    client must see a truncated body (an error), never a hang nor a silently short file."""
+    sid, cp = running, control_plane_b
+    size = 400 * 1024 * 1024
+    in_desktop(docker_client, sid, f"head -c {size} /dev/zero > {HOME}/Downloads/big.bin")
+    r = requests.get(files_url(cp, sid, "Downloads/big.bin"), headers=auth(alice), stream=True, timeout=(10, 30))
+    assert r.status_code == 200 and int(r.headers["content-length"]) == size
+    body = r.raw.read(2 * 1024 * 1024)  # the transfer is under way; the client holds it back
+    assert len(body) == 2 * 1024 * 1024
+    docker_client.containers.get(container_name(sid)).kill()
+    started = time.monotonic()
+    got = len(body)
+    with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
+        for chunk in r.iter_content(1024 * 1024):
+            got += len(chunk)
+    assert got < size
+    assert time.monotonic() - started < 20, "the client's read did not end in a bounded time"
+    wait_for(lambda: FileTransfer.objects.filter(path="Downloads/big.bin", outcome="failed").exists(), 20, 0.1,
+             what="the broken download recorded as failed")  # fmt: skip
