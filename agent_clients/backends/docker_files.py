@@ -42,6 +42,7 @@ from agent_clients.backends.base import BackendError
 from agent_clients.runtime.files import FileError, FileStream
 
 CHUNK = 1024 * 1024
+SEND_BATCH = 256 * 1024  # a download's bytes go to the tunnel's pipe in pieces this size
 MAX_ENTRIES = 1000
 DEFAULT_DIRS = ("Uploads", "Downloads")  # made on demand (the desktop image makes them too)
 LABEL_HOME = "streamspace.home"  # on containers: the session's home path (spec.home_path)
@@ -208,15 +209,20 @@ def _get(desktop: Desktop, rel: str, stream: FileStream) -> None:
     except _ENGINE_ERRORS as exc:
         raise BackendError("the desktop could not read the file", retryable=True, detail=str(exc)) from None
     stream.header(ok=True, name=rel.rsplit("/", 1)[-1], size=size)
-    sent, errors = 0, b""
+    sent, errors, batch = 0, b"", bytearray()
     try:
-        for out, err in output:
+        for out, err in output:  # the engine's frames are small (32 KiB): sent on in batches
             if err:
                 errors = (errors + err)[-300:]
-            if out and sent < size:
-                piece = out[: size - sent]
-                stream.send(piece)
-                sent += len(piece)
+            if out and sent + len(batch) < size:
+                batch += out[: size - sent - len(batch)]
+                if len(batch) >= SEND_BATCH:
+                    stream.send(bytes(batch))
+                    sent += len(batch)
+                    batch.clear()
+        if batch:
+            stream.send(bytes(batch))
+            sent += len(batch)
     except _ENGINE_ERRORS as exc:
         raise BackendError("the desktop stopped sending the file", retryable=True, detail=str(exc)) from None
     finally:
