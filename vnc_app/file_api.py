@@ -17,6 +17,7 @@ from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
 from agent_clients import protocol
@@ -122,7 +123,18 @@ _FILE_PATH = OpenApiParameter(
 )
 
 
-class FileListView(APIView):
+class _FileAPIView(APIView):
+    """No HEAD (it would run a whole download and write an audit row: 405), and no content
+    negotiation (a download is bytes whatever ``Accept`` says; every refusal is JSON)."""
+
+    http_method_names = ["get", "put", "options"]
+
+    def perform_content_negotiation(self, request, force=False):
+        renderer = JSONRenderer()
+        return renderer, renderer.media_type
+
+
+class FileListView(_FileAPIView):
     @extend_schema(
         parameters=[
             OpenApiParameter(
@@ -136,7 +148,7 @@ class FileListView(APIView):
         return _ticket(request, session_id, "list", request.query_params.get("path", DEFAULT_LIST_PATH))
 
 
-class FileView(APIView):
+class FileView(_FileAPIView):
     @extend_schema(
         parameters=[_FILE_PATH],
         responses={

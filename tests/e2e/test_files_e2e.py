@@ -94,8 +94,13 @@ def test_owner_uploads_lists_and_downloads_staff_may_too_another_user_finds_noth
         assert r.json()["error"] == "not_found"
     assert "bob.txt" not in in_desktop(docker_client, sid, f"ls -a {HOME}/Uploads")
 
-    staff = requests.get(files_url(cp, sid, "Uploads/hello world.bin"), headers=auth(carol), timeout=60)
+    # Staff may too; a client that asks for bytes (Accept: application/octet-stream) gets them.
+    staff = requests.get(files_url(cp, sid, "Uploads/hello world.bin"), timeout=60,
+                         headers={**auth(carol), "Accept": "application/octet-stream"})  # fmt: skip
     assert staff.status_code == 200 and hashlib.sha256(staff.content).hexdigest() == digest
+    # HEAD would be a whole download: refused, and no audit row (the rows below).
+    head = requests.head(files_url(cp, sid, "Uploads/hello world.bin"), headers=auth(alice), timeout=30)
+    assert head.status_code == 405
 
     # The Downloads folder exists and lists (empty at first); a file put there is listed.
     in_desktop(docker_client, sid, f"mkdir -p {HOME}/Downloads && printf report > {HOME}/Downloads/report.txt")
