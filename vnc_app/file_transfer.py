@@ -190,10 +190,10 @@ class Transfer:
             if item is True:
                 continue
             self.buffer += item
-            await self._grant(len(item), now=True)
             if len(self.buffer) > MAX_HEADER:
                 raise TransferFailed(502, "agent_error", "the agent's answer is too long")
         line, self.buffer = self.buffer.split(b"\n", 1)
+        await self._grant(len(line) + 1, now=True)  # what follows is credited as it is used
         try:
             answer = json.loads(line)
         except ValueError:  # an agent older than file transfers opened the VNC stream instead
