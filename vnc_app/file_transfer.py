@@ -31,6 +31,7 @@ from urllib.parse import quote
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.core import signals
 from django.core.handlers.asgi import get_script_prefix
 from django.urls import set_script_prefix
@@ -48,6 +49,7 @@ ANSWER_TIMEOUT = 60.0  # the agent's header line; any pause in a stream
 COMMIT_TIMEOUT = 300.0  # the agent names the upload once it has every byte
 MAX_HEADER = 2 * 1024 * 1024
 CHUNK = protocol.MAX_BINARY_PAYLOAD
+_ACTIVE: dict[str, int] = {}  # session id -> uploads and downloads running in this process
 
 
 def route(files, other):
@@ -209,8 +211,22 @@ class Transfer:
 
     async def run(self) -> None:
         t = self.ticket
-        if t.op in ("get", "put"):
+        if t.op == "list":
+            return await self._run()
+        if _ACTIVE.get(t.session_id, 0) >= settings.FILE_TRANSFER_MAX_PER_SESSION:
+            limit = settings.FILE_TRANSFER_MAX_PER_SESSION
+            return await self._error(429, "too_many_transfers", f"this session already has {limit} transfers running")
+        _ACTIVE[t.session_id] = _ACTIVE.get(t.session_id, 0) + 1
+        try:
             self.audit = await database_sync_to_async(services.transfer_begin)(ticket=t)
+            await self._run()
+        finally:
+            _ACTIVE[t.session_id] -= 1
+            if not _ACTIVE[t.session_id]:
+                del _ACTIVE[t.session_id]
+
+    async def _run(self) -> None:
+        t = self.ticket
         self.channel_name = await self.channel_layer.new_channel("files.")
         relay.register(self)
         listener = asyncio.create_task(self._listen())
@@ -233,8 +249,19 @@ class Transfer:
                 log.warning("file %s %s of %s broke off: %s", t.op, t.path, t.session_id, exc.detail)
                 await self._record("failed", detail)
                 self._abort()
-        except ClientGone:
-            detail = "the client went away"
+        except ClientGone as exc:
+            detail = str(exc) or "the client went away"
+            if self.responded and t.op == "get":
+                await self._record("failed", detail)
+                self._abort()
+        except Exception:  # a bug or an outage of ours: JSON if nothing was sent, else a dropped connection
+            log.exception("file %s %s of %s failed", t.op, t.path, t.session_id)
+            detail = "the control plane failed (see its log)"
+            await self._record("failed", detail)
+            if not self.responded:
+                await self._error(502, "agent_error", detail)
+            else:
+                self._abort()
         finally:
             listener.cancel()
             relay.unregister(self)
@@ -277,7 +304,10 @@ class Transfer:
                     pending = item
                 chunk, pending = pending[: size - self.moved], b""
                 if self.flow is not None:
-                    await self.flow.writable()
+                    try:
+                        await asyncio.wait_for(self.flow.writable(), settings.FILE_TRANSFER_STALL_TIMEOUT)
+                    except TimeoutError:
+                        raise ClientGone("the client took nothing for too long") from None
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.moved += len(chunk)
                 await self._grant(len(chunk))
@@ -294,7 +324,10 @@ class Transfer:
         await self._line()  # the agent checked the target: the body may come
         size, pending, more = self.ticket.size, bytearray(), True
         while more:
-            message = await self.receive()
+            try:
+                message = await asyncio.wait_for(self.receive(), settings.FILE_TRANSFER_STALL_TIMEOUT)
+            except TimeoutError:
+                raise TransferFailed(408, "timeout", "the client sent nothing for too long") from None
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             pending += message.get("body", b"")

@@ -155,7 +155,8 @@ def test_paths_out_of_the_home_are_refused_with_400_and_nothing_is_written(runni
 
 def test_over_size_is_413_before_a_byte_and_a_broken_upload_leaves_nothing(running, docker_client, alice):
     sid = running
-    small = ControlPlane("daphne-small", FILE_TRANSFER_MAX_BYTES=str(5 * 1024 * 1024)).start()
+    small = ControlPlane("daphne-small", FILE_TRANSFER_MAX_BYTES=str(5 * 1024 * 1024), FILE_TRANSFER_STALL_TIMEOUT="3",
+                         FILE_TRANSFER_MAX_PER_SESSION="1").start()  # fmt: skip
     try:
         big = os.urandom(5 * 1024 * 1024 + 1)
         r = requests.put(files_url(small, sid, "Uploads/big.bin"), data=big, headers=auth(alice), timeout=60)
@@ -184,6 +185,25 @@ def test_over_size_is_413_before_a_byte_and_a_broken_upload_leaves_nothing(runni
         wait_for(lambda: leftovers(docker_client, sid) == "", 15, 0.2, what="no temporary upload file left")
         names = in_desktop(docker_client, sid, f"ls -a {HOME}/Uploads")
         assert "big.bin" not in names and "chunked.bin" not in names and "broken.bin" not in names
+
+        # A client that stalls mid-upload is answered 408 after the stall timeout (3 s here),
+        # and while it is in flight a second transfer of the session is 429 (limit 1 here).
+        with socket.create_connection(("127.0.0.1", small.port)) as conn:
+            head = (f"PUT /api/v1/sessions/{sid}/files/Uploads/stalled.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: Bearer {jwt_for(alice)}\r\nContent-Length: {4 * 1024 * 1024}\r\n\r\n")  # fmt: skip
+            conn.sendall(head.encode() + os.urandom(1024 * 1024))
+            wait_for(lambda: FileTransfer.objects.filter(path="Uploads/stalled.bin").exists(), 20, 0.05,
+                     what="the stalled upload to begin")  # fmt: skip
+            busy = requests.get(files_url(small, sid, "Uploads/hello.bin"), headers=auth(alice), timeout=30)
+            assert busy.status_code == 429 and busy.json()["error"] == "too_many_transfers", busy.text
+            conn.settimeout(20)
+            started = time.monotonic()
+            answer = conn.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert time.monotonic() - started < 15
+        wait_for(lambda: FileTransfer.objects.filter(path="Uploads/stalled.bin", outcome="failed").exists(), 20, 0.1,
+                 what="the stalled upload recorded as failed")  # fmt: skip
+        wait_for(lambda: leftovers(docker_client, sid) == "", 15, 0.2, what="no temporary upload file left")
 
         # The limit is per file: one just under it goes through.
         ok = os.urandom(5 * 1024 * 1024)
