@@ -113,7 +113,11 @@ class FileUploadedSerializer(serializers.Serializer):
 
 _IN_FLIGHT = {
     "409": OpenApiResponse(ErrorSerializer, description="the session is not running"),
-    "502": OpenApiResponse(ErrorSerializer, description="the agent or the desktop failed during the transfer"),
+    "429": OpenApiResponse(ErrorSerializer, description="FILE_TRANSFER_MAX_PER_SESSION transfers already running"),
+    "502": OpenApiResponse(
+        ErrorSerializer,
+        description="the agent or the desktop failed (a download that fails after its headers is cut short instead)",
+    ),
     "503": OpenApiResponse(
         ErrorSerializer, description="the session's agent is not connected, or the database is unavailable"
     ),
@@ -128,6 +132,7 @@ class _FileAPIView(APIView):
     negotiation (a download is bytes whatever ``Accept`` says; every refusal is JSON)."""
 
     http_method_names = ["get", "put", "options"]
+    negotiates = False  # streamspace.api_schema: no 406 nor 415 in the schema
 
     def perform_content_negotiation(self, request, force=False):
         renderer = JSONRenderer()
@@ -141,7 +146,7 @@ class FileListView(_FileAPIView):
                 "path", str, description=f"folder relative to the home (default {DEFAULT_LIST_PATH}; empty: the home)"
             )
         ],
-        responses={200: FileListSerializer, **_IN_FLIGHT},
+        responses={200: FileListSerializer, **{k: v for k, v in _IN_FLIGHT.items() if k != "429"}},
         description="What a folder of the session's home holds (at most 1000 entries).",
     )
     def get(self, request, session_id):
@@ -165,6 +170,7 @@ class FileView(_FileAPIView):
         request={"application/octet-stream": OpenApiTypes.BINARY},
         responses={
             201: FileUploadedSerializer,
+            "408": OpenApiResponse(ErrorSerializer, description="the client sent nothing for too long"),
             "411": OpenApiResponse(ErrorSerializer, description="no Content-Length"),
             **_IN_FLIGHT,
         },
