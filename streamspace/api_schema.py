@@ -50,6 +50,9 @@ class StreamSpaceAutoSchema(AutoSchema):
             codes.update(_WITH_PATH_PARAMETERS)
         if "requestBody" in operation:
             codes.update(_WITH_BODY)
+        if getattr(self.view, "negotiates", True) is False:  # raw bytes in or out: no 406 nor 415
+            codes.pop("406", None)
+            codes.pop("415", None)
         if self.method != "GET" and "/auth/" not in self.path:
             codes.update(_WRITES)
         if self.view.get_throttles() or "/auth/" in self.path:  # login is throttled (however it is done)

@@ -10,7 +10,9 @@ sent before the body is complete closes the connection (the rest is never parsed
 
 Every HTTP scope also gets the ``streamspace.flow`` extension: ``await writable()``
 returns once the connection's send buffer has drained, so a download is handed to Daphne
-no faster than the client takes it (Twisted would buffer it without bound).
+no faster than the client takes it (Twisted would buffer it without bound), and
+``abort()`` drops the connection at once (a download that broke off after its headers:
+the client sees a truncated body, never a hang).
 Harmless where Daphne is not the server: vnc_app.file_transfer works without either.
 
 Every WebSocket scope gets ``streamspace.buffered``: a callable returning how many bytes
@@ -80,6 +82,13 @@ class Flow:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, 1.0)
             channel = self.request.channel
+
+    def abort(self) -> None:
+        """Drop the connection now (what was sent stays short of its Content-Length)."""
+        channel = self.request.channel
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
 
 def _buffered(protocol) -> int:

@@ -170,6 +170,10 @@ MAX_REQUEST_BODY = env_int("MAX_REQUEST_BODY", 2 * 1024 * 1024, minimum=1024)
 # The largest file one upload may carry (bytes); a larger one is answered 413 before a byte
 # of it is read (vnc_app.file_transfer). Uploads stream: this bounds the desktop's disk, not memory.
 FILE_TRANSFER_MAX_BYTES = env_int("FILE_TRANSFER_MAX_BYTES", 1024 * 1024 * 1024, minimum=1)
+# A transfer whose client sends or takes nothing for this long is ended (seconds).
+FILE_TRANSFER_STALL_TIMEOUT = env_int("FILE_TRANSFER_STALL_TIMEOUT", 60, minimum=1)
+# Uploads and downloads of one session at once, per Daphne process (more: 429).
+FILE_TRANSFER_MAX_PER_SESSION = env_int("FILE_TRANSFER_MAX_PER_SESSION", 4, minimum=1)
 COMMAND_MAX_ATTEMPTS = env_int("COMMAND_MAX_ATTEMPTS", 3, minimum=1)
 # A retryable failure is executed again after base x 2^(n-1) seconds (n: the failed execution), at most cap.
 COMMAND_RETRY_BACKOFF_BASE = env_seconds("COMMAND_RETRY_BACKOFF_BASE", 2)

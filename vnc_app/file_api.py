@@ -17,6 +17,7 @@ from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
 from rest_framework.views import APIView
 
 from agent_clients import protocol
@@ -112,7 +113,11 @@ class FileUploadedSerializer(serializers.Serializer):
 
 _IN_FLIGHT = {
     "409": OpenApiResponse(ErrorSerializer, description="the session is not running"),
-    "502": OpenApiResponse(ErrorSerializer, description="the agent or the desktop failed during the transfer"),
+    "429": OpenApiResponse(ErrorSerializer, description="FILE_TRANSFER_MAX_PER_SESSION transfers already running"),
+    "502": OpenApiResponse(
+        ErrorSerializer,
+        description="the agent or the desktop failed (a download that fails after its headers is cut short instead)",
+    ),
     "503": OpenApiResponse(
         ErrorSerializer, description="the session's agent is not connected, or the database is unavailable"
     ),
@@ -122,21 +127,33 @@ _FILE_PATH = OpenApiParameter(
 )
 
 
-class FileListView(APIView):
+class _FileAPIView(APIView):
+    """No HEAD (it would run a whole download and write an audit row: 405), and no content
+    negotiation (a download is bytes whatever ``Accept`` says; every refusal is JSON)."""
+
+    http_method_names = ["get", "put", "options"]
+    negotiates = False  # streamspace.api_schema: no 406 nor 415 in the schema
+
+    def perform_content_negotiation(self, request, force=False):
+        renderer = JSONRenderer()
+        return renderer, renderer.media_type
+
+
+class FileListView(_FileAPIView):
     @extend_schema(
         parameters=[
             OpenApiParameter(
                 "path", str, description=f"folder relative to the home (default {DEFAULT_LIST_PATH}; empty: the home)"
             )
         ],
-        responses={200: FileListSerializer, **_IN_FLIGHT},
+        responses={200: FileListSerializer, **{k: v for k, v in _IN_FLIGHT.items() if k != "429"}},
         description="What a folder of the session's home holds (at most 1000 entries).",
     )
     def get(self, request, session_id):
         return _ticket(request, session_id, "list", request.query_params.get("path", DEFAULT_LIST_PATH))
 
 
-class FileView(APIView):
+class FileView(_FileAPIView):
     @extend_schema(
         parameters=[_FILE_PATH],
         responses={
@@ -153,6 +170,7 @@ class FileView(APIView):
         request={"application/octet-stream": OpenApiTypes.BINARY},
         responses={
             201: FileUploadedSerializer,
+            "408": OpenApiResponse(ErrorSerializer, description="the client sent nothing for too long"),
             "411": OpenApiResponse(ErrorSerializer, description="no Content-Length"),
             **_IN_FLIGHT,
         },

@@ -31,6 +31,7 @@ from urllib.parse import quote
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.core import signals
 from django.core.handlers.asgi import get_script_prefix
 from django.urls import set_script_prefix
@@ -48,6 +49,7 @@ ANSWER_TIMEOUT = 60.0  # the agent's header line; any pause in a stream
 COMMIT_TIMEOUT = 300.0  # the agent names the upload once it has every byte
 MAX_HEADER = 2 * 1024 * 1024
 CHUNK = protocol.MAX_BINARY_PAYLOAD
+_ACTIVE: dict[str, int] = {}  # session id -> uploads and downloads running in this process
 
 
 def route(files, other):
@@ -190,10 +192,10 @@ class Transfer:
             if item is True:
                 continue
             self.buffer += item
-            await self._grant(len(item), now=True)
             if len(self.buffer) > MAX_HEADER:
                 raise TransferFailed(502, "agent_error", "the agent's answer is too long")
         line, self.buffer = self.buffer.split(b"\n", 1)
+        await self._grant(len(line) + 1, now=True)  # what follows is credited as it is used
         try:
             answer = json.loads(line)
         except ValueError:  # an agent older than file transfers opened the VNC stream instead
@@ -209,8 +211,22 @@ class Transfer:
 
     async def run(self) -> None:
         t = self.ticket
-        if t.op in ("get", "put"):
+        if t.op == "list":
+            return await self._run()
+        if _ACTIVE.get(t.session_id, 0) >= settings.FILE_TRANSFER_MAX_PER_SESSION:
+            limit = settings.FILE_TRANSFER_MAX_PER_SESSION
+            return await self._error(429, "too_many_transfers", f"this session already has {limit} transfers running")
+        _ACTIVE[t.session_id] = _ACTIVE.get(t.session_id, 0) + 1
+        try:
             self.audit = await database_sync_to_async(services.transfer_begin)(ticket=t)
+            await self._run()
+        finally:
+            _ACTIVE[t.session_id] -= 1
+            if not _ACTIVE[t.session_id]:
+                del _ACTIVE[t.session_id]
+
+    async def _run(self) -> None:
+        t = self.ticket
         self.channel_name = await self.channel_layer.new_channel("files.")
         relay.register(self)
         listener = asyncio.create_task(self._listen())
@@ -231,8 +247,21 @@ class Transfer:
                 await self._error(exc.status, exc.error, exc.detail)
             else:
                 log.warning("file %s %s of %s broke off: %s", t.op, t.path, t.session_id, exc.detail)
-        except ClientGone:
-            detail = "the client went away"
+                await self._record("failed", detail)
+                self._abort()
+        except ClientGone as exc:
+            detail = str(exc) or "the client went away"
+            if self.responded and t.op == "get":
+                await self._record("failed", detail)
+                self._abort()
+        except Exception:  # a bug or an outage of ours: JSON if nothing was sent, else a dropped connection
+            log.exception("file %s %s of %s failed", t.op, t.path, t.session_id)
+            detail = "the control plane failed (see its log)"
+            await self._record("failed", detail)
+            if not self.responded:
+                await self._error(502, "agent_error", detail)
+            else:
+                self._abort()
         finally:
             listener.cancel()
             relay.unregister(self)
@@ -275,7 +304,10 @@ class Transfer:
                     pending = item
                 chunk, pending = pending[: size - self.moved], b""
                 if self.flow is not None:
-                    await self.flow.writable()
+                    try:
+                        await asyncio.wait_for(self.flow.writable(), settings.FILE_TRANSFER_STALL_TIMEOUT)
+                    except TimeoutError:
+                        raise ClientGone("the client took nothing for too long") from None
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 self.moved += len(chunk)
                 await self._grant(len(chunk))
@@ -292,7 +324,10 @@ class Transfer:
         await self._line()  # the agent checked the target: the body may come
         size, pending, more = self.ticket.size, bytearray(), True
         while more:
-            message = await self.receive()
+            try:
+                message = await asyncio.wait_for(self.receive(), settings.FILE_TRANSFER_STALL_TIMEOUT)
+            except TimeoutError:
+                raise TransferFailed(408, "timeout", "the client sent nothing for too long") from None
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             pending += message.get("body", b"")
@@ -327,6 +362,14 @@ class Transfer:
             self.moved += len(piece)
 
     # --- responses -------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """The headers (with Content-Length) are out but the body cannot be completed: drop
+        the connection so the client sees a truncated transfer instead of waiting forever."""
+        if self.flow is not None and hasattr(self.flow, "abort"):
+            self.flow.abort()
+        else:  # another ASGI server: an exception after the response started drops the connection
+            raise ConnectionAbortedError("the transfer broke off after its headers")
 
     async def _json(self, status: int, body: dict, *, close: bool = False) -> None:
         raw = json.dumps(body).encode()

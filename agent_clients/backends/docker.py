@@ -605,6 +605,7 @@ class DockerBackend(Backend):
                 labels={
                     **labels,
                     LABEL_VNC_PORT: str(spec.vnc_port),
+                    docker_files.LABEL_HOME: spec.home_path,
                     LABEL_EGRESS: spec.egress,
                     LABEL_EGRESS_ALLOW: ",".join(spec.egress_allow),
                     **sound,
@@ -891,7 +892,15 @@ class DockerBackend(Backend):
             raise BackendError("the session's desktop is not on this agent", retryable=False)
         if container.status != "running":
             raise BackendError("the desktop is not running", retryable=False)
-        docker_files.transfer(self.client, container, request, stream)
+        docker_files.transfer(self.client, container, request, stream, session_home=self._home_of(container))
+
+    def _home_of(self, container: Any) -> str | None:
+        """Where the session's home volume is mounted (a container made before the home label)."""
+        volume = volume_name((container.labels or {}).get(LABEL_SESSION, ""))
+        for mount in (container.attrs or {}).get("Mounts") or []:
+            if mount.get("Type") == "volume" and mount.get("Name") == volume:
+                return mount.get("Destination")
+        return None
 
     def capacity(self) -> dict[str, Any]:
         host = self._host()

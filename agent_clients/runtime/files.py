@@ -61,6 +61,7 @@ class FileStream:
         self._closed = False  # the tunnel is gone
         self._wake = asyncio.Event()
         self.header_sent = False
+        self.failure: str | None = None  # set when a download broke off after its header
 
     # --- thread side ---------------------------------------------------------------------
 
@@ -156,25 +157,33 @@ class FileStream:
 
 
 def run_transfer(backend: Any, session_id: str, request: dict, stream: FileStream) -> None:
-    """The backend thread's body: run the transfer, turn failures into the header line."""
+    """The backend thread's body: run the transfer, turn failures into the header line.
+
+    A download that fails once its header (and so its size) is out gets no second line in
+    the middle of its bytes: the tunnel ends short with ``stream.failure`` as its reason,
+    and the control plane, which counts the bytes, aborts the client's connection."""
     from agent_clients.backends.base import BackendError
 
+    op = request.get("op")
     try:
         backend.file_transfer(session_id, request, stream)
     except Aborted:
-        log.info("file %s of %s: aborted (the tunnel closed)", request.get("op"), session_id)
-    except FileError as exc:
-        log.info("file %s of %s refused: %s", request.get("op"), session_id, exc.detail)
-        with contextlib.suppress(Aborted):
-            stream.header(ok=False, status=exc.status, error=exc.error, detail=exc.detail)
-    except BackendError as exc:
-        log.warning("file %s of %s failed: %s", request.get("op"), session_id, exc.detail)
-        with contextlib.suppress(Aborted):
-            stream.header(ok=False, status=503, error="agent_error", detail=exc.message)
-    except Exception:
-        log.exception("file %s of %s failed", request.get("op"), session_id)
-        with contextlib.suppress(Aborted):
-            stream.header(ok=False, status=503, error="agent_error", detail="the agent failed (see its log)")
+        log.info("file %s of %s: aborted (the tunnel closed)", op, session_id)
+    except Exception as exc:
+        if isinstance(exc, FileError):
+            log.info("file %s of %s refused: %s", op, session_id, exc.detail)
+            status, error, detail = exc.status, exc.error, exc.detail
+        elif isinstance(exc, BackendError):
+            log.warning("file %s of %s failed: %s", op, session_id, exc.detail)
+            status, error, detail = 503, "agent_error", exc.message
+        else:
+            log.exception("file %s of %s failed", op, session_id)
+            status, error, detail = 503, "agent_error", "the agent failed (see its log)"
+        if op == "get" and stream.header_sent:
+            stream.failure = f"the download broke off: {detail}"[:200]
+        else:
+            with contextlib.suppress(Aborted):
+                stream.header(ok=False, status=status, error=error, detail=detail)
     finally:
         stream.finish()
 

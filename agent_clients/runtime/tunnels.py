@@ -125,6 +125,7 @@ class Tunnel:
                     await self._credit_changed.wait()
                 data = await self.reader.read(min(protocol.MAX_BINARY_PAYLOAD, self.send_credit))
                 if not data:
+                    reason = getattr(self.reader, "failure", None) or reason  # a file transfer that broke off
                     break
                 self.send_credit -= len(data)
                 self.bytes_out += len(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import uuid
 
 import pytest
@@ -93,8 +94,13 @@ def test_owner_uploads_lists_and_downloads_staff_may_too_another_user_finds_noth
         assert r.json()["error"] == "not_found"
     assert "bob.txt" not in in_desktop(docker_client, sid, f"ls -a {HOME}/Uploads")
 
-    staff = requests.get(files_url(cp, sid, "Uploads/hello world.bin"), headers=auth(carol), timeout=60)
+    # Staff may too; a client that asks for bytes (Accept: application/octet-stream) gets them.
+    staff = requests.get(files_url(cp, sid, "Uploads/hello world.bin"), timeout=60,
+                         headers={**auth(carol), "Accept": "application/octet-stream"})  # fmt: skip
     assert staff.status_code == 200 and hashlib.sha256(staff.content).hexdigest() == digest
+    # HEAD would be a whole download: refused, and no audit row (the rows below).
+    head = requests.head(files_url(cp, sid, "Uploads/hello world.bin"), headers=auth(alice), timeout=30)
+    assert head.status_code == 405
 
     # The Downloads folder exists and lists (empty at first); a file put there is listed.
     in_desktop(docker_client, sid, f"mkdir -p {HOME}/Downloads && printf report > {HOME}/Downloads/report.txt")
@@ -120,7 +126,9 @@ def test_paths_out_of_the_home_are_refused_with_400_and_nothing_is_written(runni
         f"ln -s /etc {HOME}/etclink && ln -s /etc/passwd {HOME}/passwd-link && mkdir -p {HOME}/Uploads "
         f"&& ln -s /tmp {HOME}/Uploads/tmplink && ln -s /tmp/evil-target {HOME}/Uploads/dangling",
     )
-    before = in_desktop(docker_client, sid, "ls -la /tmp /etc | md5sum")
+    # /etc unchanged (/tmp is not compared whole: the desktop's own programs make and remove
+    # files there while it starts; nothing named evil* may appear there, below).
+    before = in_desktop(docker_client, sid, "ls -la --time-style=full-iso /etc")
     for path in [
         "%2e%2e/evil",  # ../evil
         "Uploads/%2e%2e/%2e%2e/evil",
@@ -141,7 +149,7 @@ def test_paths_out_of_the_home_are_refused_with_400_and_nothing_is_written(runni
         r = requests.get(files_url(cp, sid), params={"path": path}, headers=auth(alice), timeout=30)
         assert r.status_code == 400, (path, r.status_code, r.text)
 
-    assert in_desktop(docker_client, sid, "ls -la /tmp /etc | md5sum") == before
+    assert in_desktop(docker_client, sid, "ls -la --time-style=full-iso /etc") == before
     assert "evil" not in in_desktop(docker_client, sid, f"find {HOME} /tmp /etc -name 'evil*'; true")
     assert leftovers(docker_client, sid) == ""
     assert not FileTransfer.objects.filter(outcome="ok").exists()
@@ -149,7 +157,8 @@ def test_paths_out_of_the_home_are_refused_with_400_and_nothing_is_written(runni
 
 def test_over_size_is_413_before_a_byte_and_a_broken_upload_leaves_nothing(running, docker_client, alice):
     sid = running
-    small = ControlPlane("daphne-small", FILE_TRANSFER_MAX_BYTES=str(5 * 1024 * 1024)).start()
+    small = ControlPlane("daphne-small", FILE_TRANSFER_MAX_BYTES=str(5 * 1024 * 1024), FILE_TRANSFER_STALL_TIMEOUT="3",
+                         FILE_TRANSFER_MAX_PER_SESSION="1").start()  # fmt: skip
     try:
         big = os.urandom(5 * 1024 * 1024 + 1)
         r = requests.put(files_url(small, sid, "Uploads/big.bin"), data=big, headers=auth(alice), timeout=60)
@@ -179,6 +188,25 @@ def test_over_size_is_413_before_a_byte_and_a_broken_upload_leaves_nothing(runni
         names = in_desktop(docker_client, sid, f"ls -a {HOME}/Uploads")
         assert "big.bin" not in names and "chunked.bin" not in names and "broken.bin" not in names
 
+        # A client that stalls mid-upload is answered 408 after the stall timeout (3 s here),
+        # and while it is in flight a second transfer of the session is 429 (limit 1 here).
+        with socket.create_connection(("127.0.0.1", small.port)) as conn:
+            head = (f"PUT /api/v1/sessions/{sid}/files/Uploads/stalled.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: Bearer {jwt_for(alice)}\r\nContent-Length: {4 * 1024 * 1024}\r\n\r\n")  # fmt: skip
+            conn.sendall(head.encode() + os.urandom(1024 * 1024))
+            wait_for(lambda: FileTransfer.objects.filter(path="Uploads/stalled.bin").exists(), 20, 0.05,
+                     what="the stalled upload to begin")  # fmt: skip
+            busy = requests.get(files_url(small, sid, "Uploads/hello.bin"), headers=auth(alice), timeout=30)
+            assert busy.status_code == 429 and busy.json()["error"] == "too_many_transfers", busy.text
+            conn.settimeout(20)
+            started = time.monotonic()
+            answer = conn.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert time.monotonic() - started < 15
+        wait_for(lambda: FileTransfer.objects.filter(path="Uploads/stalled.bin", outcome="failed").exists(), 20, 0.1,
+                 what="the stalled upload recorded as failed")  # fmt: skip
+        wait_for(lambda: leftovers(docker_client, sid) == "", 15, 0.2, what="no temporary upload file left")
+
         # The limit is per file: one just under it goes through.
         ok = os.urandom(5 * 1024 * 1024)
         r = requests.put(files_url(small, sid, f"Uploads/ok-{uuid.uuid4().hex[:6]}.bin"), data=ok,
@@ -186,3 +214,27 @@ def test_over_size_is_413_before_a_byte_and_a_broken_upload_leaves_nothing(runni
         assert r.status_code == 201, r.text
     finally:
         small.stop()
+
+
+def test_a_download_whose_desktop_dies_midway_ends_the_clients_read_with_an_error_and_the_row_failed(
+    running, control_plane_b, docker_client, alice
+):
+    """Once the 200 and its Content-Length are out, a failure cannot change the status: the
+    client must see a truncated body (an error), never a hang nor a silently short file."""
+    sid, cp = running, control_plane_b
+    size = 400 * 1024 * 1024
+    in_desktop(docker_client, sid, f"head -c {size} /dev/zero > {HOME}/Downloads/big.bin")
+    r = requests.get(files_url(cp, sid, "Downloads/big.bin"), headers=auth(alice), stream=True, timeout=(10, 30))
+    assert r.status_code == 200 and int(r.headers["content-length"]) == size
+    body = r.raw.read(2 * 1024 * 1024)  # the transfer is under way; the client holds it back
+    assert len(body) == 2 * 1024 * 1024
+    docker_client.containers.get(container_name(sid)).kill()
+    started = time.monotonic()
+    got = len(body)
+    with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)):
+        for chunk in r.iter_content(1024 * 1024):
+            got += len(chunk)
+    assert got < size
+    assert time.monotonic() - started < 20, "the client's read did not end in a bounded time"
+    wait_for(lambda: FileTransfer.objects.filter(path="Downloads/big.bin", outcome="failed").exists(), 20, 0.1,
+             what="the broken download recorded as failed")  # fmt: skip
