@@ -65,8 +65,9 @@ def test_an_agents_json_logs_carry_its_ids_and_no_secret(control_plane, echo_por
         assert vnc_password
         url = f"{control_plane.ws_url}/api/v1/vnc/{session_id}?token={jwt(alice)}"
         with connect(url, subprotocols=["binary"]) as ws:
-            ws.send(b"RFB echo")
-            assert ws.recv(timeout=10) == b"RFB echo"
+            # A viewer's first message, the ProtocolVersion (the relay forwards whole RFB messages).
+            ws.send(b"RFB 003.008\n")
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
         wait_for(lambda: re.search(r'"message": "tunnel \d+ closed', agent.output()), 10,
                  what=f"the tunnel's close logged\n{agent.output()}")  # fmt: skip
     finally:

@@ -110,8 +110,9 @@ def test_json_logs_carry_the_ids_that_apply_and_no_secret(json_control_plane, ec
 
         # the viewer, with the JWT in its URL
         with connect(f"{cp.ws_url}/api/v1/vnc/{session_id}?token={access}", subprotocols=["binary"]) as ws:
-            ws.send(b"RFB echo")
-            assert ws.recv(timeout=10) == b"RFB echo"
+            # A viewer's first message, the ProtocolVersion (the relay forwards whole RFB messages).
+            ws.send(b"RFB 003.008\n")
+            assert ws.recv(timeout=10) == b"RFB 003.008\n"
         wait_for(lambda: "closed tunnel" in cp.output(), 10, what=f"the viewer's close logged\n{cp.output()}")
     finally:
         agent.kill()
