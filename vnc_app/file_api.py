@@ -148,6 +148,7 @@ class FileListView(_FileAPIView):
         ],
         responses={200: FileListSerializer, **{k: v for k, v in _IN_FLIGHT.items() if k != "429"}},
         description="What a folder of the session's home holds (at most 1000 entries).",
+        operation_id="v1_sessions_files_list",
     )
     def get(self, request, session_id):
         return _ticket(request, session_id, "list", request.query_params.get("path", DEFAULT_LIST_PATH))
@@ -161,6 +162,7 @@ class FileView(_FileAPIView):
             **_IN_FLIGHT,
         },
         description="Download a file of the session's home, streamed.",
+        operation_id="v1_sessions_files_download",
     )
     def get(self, request, session_id, file_path):
         return _ticket(request, session_id, "get", file_path)
